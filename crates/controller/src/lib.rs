@@ -1,1 +1,755 @@
-//! placeholder
+//! The Remora controller: the global memory manager.
+//!
+//! It owns membership (servers register and heartbeat; a server silent for
+//! `dead_after` is declared dead), tenants (token, quota), and regions
+//! (allocation, placement of slabs on servers, the region→slab map, free,
+//! open by name). Clients fetch a region's map once and then go straight to
+//! the servers: the controller is never on the data path.
+//!
+//! Metadata lives in a [`store::MetaStore`]; a region is acknowledged only
+//! after it is durable there, so a restarted controller finds it again.
+//! Server membership is soft state: after a restart, servers re-register on
+//! their next heartbeat.
+//!
+//! Locking: one mutex guards the in-memory state and is never held across
+//! network I/O; slabs are reserved under the lock, created on servers
+//! outside it, and released again if creation fails.
+
+pub mod config;
+pub mod placement;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand::Rng;
+use remora_net::{FramedReader, LatencyInjector, NetError, RpcConn, Stream, TcpTransport};
+use remora_proto::ctl::{
+    self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap, ServerInfo, SlabLoc, TenantInfo,
+};
+use remora_proto::data::{self, Reply, Request};
+use remora_proto::frame::DEFAULT_MAX_FRAME;
+use remora_proto::{ErrorCode, VERSION};
+use tracing::{debug, info, warn};
+
+pub use config::ControllerConfig;
+use placement::Candidate;
+use store::{MetaStore, StoredRegion, StoredTenant};
+
+/// Largest region, in slabs, one allocation may ask for.
+pub const MAX_REGION_SLABS: u64 = 1 << 22;
+
+/// Controller start-up errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControllerError {
+    /// Cannot bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// Invalid configuration.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+type Failure = (ErrorCode, String);
+
+#[derive(Debug)]
+struct ServerState {
+    addr: String,
+    admin_key: u64,
+    capacity: u64,
+    slabs_total: u64,
+    slabs_used: u64,
+    /// Slabs of known regions placed on this server (plus reservations).
+    assigned: u64,
+    last_seen: Instant,
+    alive: bool,
+}
+
+impl ServerState {
+    fn free(&self) -> u64 {
+        self.slabs_total
+            .saturating_sub(self.assigned.max(self.slabs_used))
+    }
+}
+
+#[derive(Debug)]
+struct TenantState {
+    t: StoredTenant,
+    used: u64,
+    regions: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    servers: BTreeMap<u64, ServerState>,
+    tenants: BTreeMap<String, TenantState>,
+    by_token: HashMap<String, String>,
+    regions: BTreeMap<u64, StoredRegion>,
+    /// (tenant, name) → region id; `0` while an allocation is in progress.
+    names: HashMap<(String, String), u64>,
+    next_region: u64,
+    next_slab: u64,
+    rng: rand::rngs::StdRng,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: ControllerConfig,
+    store: Box<dyn MetaStore>,
+    state: Mutex<State>,
+    admin_conns: Mutex<HashMap<u64, Arc<Mutex<Option<RpcConn>>>>>,
+}
+
+/// A running controller.
+#[derive(Debug)]
+pub struct ControllerHandle {
+    addr: String,
+}
+
+impl ControllerHandle {
+    /// The address it listens on.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+/// Opens the store, binds, and starts serving in background threads.
+pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError> {
+    cfg.validate().map_err(ControllerError::Config)?;
+    let store: Box<dyn MetaStore> = match &cfg.data_dir {
+        Some(d) => Box::new(store::RedbStore::open(d)?),
+        None => Box::new(store::MemStore::default()),
+    };
+    for t in &cfg.tenants {
+        store.put_tenant(t)?;
+    }
+    let snap = store.load()?;
+    let mut st = State {
+        servers: BTreeMap::new(),
+        tenants: BTreeMap::new(),
+        by_token: HashMap::new(),
+        regions: BTreeMap::new(),
+        names: HashMap::new(),
+        next_region: snap.next_region,
+        next_slab: snap.next_slab,
+        rng: rand::SeedableRng::from_entropy(),
+    };
+    for (name, t) in snap.tenants {
+        if st.by_token.insert(t.token.clone(), name.clone()).is_some() {
+            return Err(ControllerError::Config(format!(
+                "tenant {name:?} shares a token with another stored tenant"
+            )));
+        }
+        st.tenants.insert(name, TenantState { t, used: 0, regions: 0 });
+    }
+    for (id, r) in snap.regions {
+        if let Some(t) = st.tenants.get_mut(&r.tenant) {
+            t.used += r.map.slabs.len() as u64 * r.map.slab_size;
+            t.regions += 1;
+        }
+        if let Some(n) = &r.map.name {
+            st.names.insert((r.tenant.clone(), n.clone()), id);
+        }
+        st.regions.insert(id, r);
+    }
+    let listener = TcpListener::bind(&cfg.listen).map_err(|source| ControllerError::Bind {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ControllerError::Bind {
+            addr: cfg.listen.clone(),
+            source,
+        })?
+        .to_string();
+    info!(
+        "controller on {addr}: {} tenants, {} regions, slab size {}, placement {}",
+        st.tenants.len(),
+        st.regions.len(),
+        cfg.slab_size,
+        cfg.placement.name()
+    );
+    let inner = Arc::new(Inner {
+        cfg,
+        store,
+        state: Mutex::new(st),
+        admin_conns: Mutex::new(HashMap::new()),
+    });
+    {
+        let inner = inner.clone();
+        std::thread::Builder::new()
+            .name("remora-ctl-accept".into())
+            .spawn(move || accept_loop(listener, inner))
+            .map_err(|source| ControllerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+    }
+    {
+        let inner = inner.clone();
+        std::thread::Builder::new()
+            .name("remora-ctl-detector".into())
+            .spawn(move || detector_loop(inner))
+            .map_err(|source| ControllerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+    }
+    Ok(ControllerHandle { addr })
+}
+
+fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
+    for s in listener.incoming() {
+        match s {
+            Ok(s) => {
+                let inner = inner.clone();
+                let r = std::thread::Builder::new()
+                    .name("remora-ctl-conn".into())
+                    .spawn(move || serve(s, inner));
+                if let Err(e) = r {
+                    warn!("cannot start a connection thread: {e}");
+                }
+            }
+            Err(e) => {
+                warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Declares servers dead when their heartbeats stop.
+fn detector_loop(inner: Arc<Inner>) {
+    let tick = (inner.cfg.heartbeat_interval / 2).max(Duration::from_millis(10));
+    loop {
+        std::thread::sleep(tick);
+        let mut st = inner.state.lock();
+        for (id, s) in st.servers.iter_mut() {
+            if s.alive && s.last_seen.elapsed() > inner.cfg.dead_after {
+                s.alive = false;
+                warn!(
+                    "server {id:016x} at {} missed heartbeats for {:?}: declared dead",
+                    s.addr, inner.cfg.dead_after
+                );
+            }
+        }
+    }
+}
+
+enum Role {
+    None,
+    Client(String),
+    Server(u64),
+}
+
+fn serve(stream: TcpStream, inner: Arc<Inner>) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let Ok(mut w) = stream.try_clone() else {
+        return;
+    };
+    let boxed: Box<dyn Stream> = Box::new(stream);
+    let mut r = FramedReader::new(boxed, &peer, DEFAULT_MAX_FRAME, LatencyInjector::default());
+    let mut role = Role::None;
+    let mut out = Vec::new();
+    loop {
+        let f = match r.next_owned(None) {
+            Ok(f) => f,
+            Err(NetError::Decode { source, .. }) => {
+                data::put_error(&mut out, 0, ErrorCode::Malformed, &source.to_string());
+                let _ = w.write_all(&out);
+                return;
+            }
+            Err(e) => {
+                debug!("{peer}: {e}");
+                return;
+            }
+        };
+        out.clear();
+        let reply = if f.kind != ctl::CTL_REQUEST {
+            CtlReply::Error {
+                code: ErrorCode::Malformed,
+                message: format!("expected a control request, got kind 0x{:x}", f.kind),
+            }
+        } else {
+            match ctl::decode_request(&f.payload) {
+                Ok(req) => inner.handle(&mut role, req),
+                Err(e) => CtlReply::Error {
+                    code: ErrorCode::Malformed,
+                    message: e.to_string(),
+                },
+            }
+        };
+        ctl::encode(&mut out, f.id, ctl::CTL_REPLY, &reply);
+        if let Err(e) = w.write_all(&out) {
+            debug!("{peer}: {e}");
+            return;
+        }
+    }
+}
+
+fn fail(code: ErrorCode, message: impl Into<String>) -> CtlReply {
+    CtlReply::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+}
+
+impl Inner {
+    fn handle(&self, role: &mut Role, req: CtlRequest) -> CtlReply {
+        match (&*role, req) {
+            (_, CtlRequest::ClientHello { version, token }) => {
+                if version != VERSION {
+                    return fail(
+                        ErrorCode::UnsupportedVersion,
+                        format!("controller speaks version {VERSION}, client {version}"),
+                    );
+                }
+                let st = self.state.lock();
+                match st.by_token.get(&token) {
+                    Some(t) => {
+                        *role = Role::Client(t.clone());
+                        CtlReply::Welcome { tenant: t.clone() }
+                    }
+                    None => fail(ErrorCode::Unauthenticated, "unknown tenant token"),
+                }
+            }
+            (
+                _,
+                CtlRequest::Register {
+                    version,
+                    server_id,
+                    addr,
+                    admin_key,
+                    capacity,
+                },
+            ) => {
+                if version != VERSION {
+                    return fail(
+                        ErrorCode::UnsupportedVersion,
+                        format!("controller speaks version {VERSION}, server {version}"),
+                    );
+                }
+                self.register(server_id, addr, admin_key, capacity);
+                *role = Role::Server(server_id);
+                CtlReply::Registered {
+                    slab_size: self.cfg.slab_size,
+                    heartbeat_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+                }
+            }
+            (
+                Role::Server(me),
+                CtlRequest::Heartbeat {
+                    server_id,
+                    slabs_used,
+                    slabs_total,
+                },
+            ) => {
+                if *me != server_id {
+                    return fail(ErrorCode::InvalidArgument, "heartbeat for another server");
+                }
+                let mut st = self.state.lock();
+                match st.servers.get_mut(&server_id) {
+                    Some(s) => {
+                        if !s.alive {
+                            info!("server {server_id:016x} at {} is alive again", s.addr);
+                        }
+                        s.last_seen = Instant::now();
+                        s.alive = true;
+                        s.slabs_used = slabs_used;
+                        s.slabs_total = slabs_total;
+                        CtlReply::Ack
+                    }
+                    None => fail(ErrorCode::UnknownServer, "register again"),
+                }
+            }
+            (Role::Client(t), req) => {
+                let t = t.clone();
+                match self.client_request(&t, req) {
+                    Ok(r) => r,
+                    Err((code, message)) => CtlReply::Error { code, message },
+                }
+            }
+            (Role::Server(_), _) => fail(ErrorCode::NotAuthorized, "servers may only heartbeat"),
+            (Role::None, _) => fail(ErrorCode::Unauthenticated, "send ClientHello with a token first"),
+        }
+    }
+
+    fn register(&self, id: u64, addr: String, admin_key: u64, capacity: u64) {
+        let mut st = self.state.lock();
+        // A new process at the address of a known server replaces it: the
+        // old one's slabs are gone with it.
+        let stale: Vec<u64> = st
+            .servers
+            .iter()
+            .filter(|(sid, s)| **sid != id && s.addr == addr)
+            .map(|(sid, _)| *sid)
+            .collect();
+        for s in stale {
+            warn!("server at {addr} restarted (was {s:016x}, now {id:016x})");
+            st.servers.remove(&s);
+            self.admin_conns.lock().remove(&s);
+        }
+        let assigned = st
+            .regions
+            .values()
+            .flat_map(|r| r.map.slabs.iter())
+            .filter(|s| s.server_id == id)
+            .count() as u64;
+        let slabs_total = capacity / self.cfg.slab_size;
+        info!("server {id:016x} registered at {addr}: {slabs_total} slabs");
+        st.servers.insert(
+            id,
+            ServerState {
+                addr,
+                admin_key,
+                capacity,
+                slabs_total,
+                slabs_used: assigned,
+                assigned,
+                last_seen: Instant::now(),
+                alive: true,
+            },
+        );
+        self.admin_conns.lock().remove(&id);
+    }
+
+    fn client_request(&self, tenant: &str, req: CtlRequest) -> Result<CtlReply, Failure> {
+        match req {
+            CtlRequest::Alloc { size, name } => self.alloc(tenant, size, name).map(CtlReply::Region),
+            CtlRequest::Free { region } => self.free(tenant, region).map(|_| CtlReply::Ack),
+            CtlRequest::Open { name } => {
+                let st = self.state.lock();
+                match st.names.get(&(tenant.to_string(), name.clone())) {
+                    Some(&id) if id != 0 => Ok(CtlReply::Region(st.regions[&id].map.clone())),
+                    _ => Err((ErrorCode::RegionNotFound, format!("no region named {name:?}"))),
+                }
+            }
+            CtlRequest::GetMap { region } => {
+                let st = self.state.lock();
+                match st.regions.get(&region) {
+                    Some(r) if r.tenant == tenant => Ok(CtlReply::Region(r.map.clone())),
+                    _ => Err((ErrorCode::RegionNotFound, format!("no region {region}"))),
+                }
+            }
+            CtlRequest::List => {
+                let st = self.state.lock();
+                Ok(CtlReply::Regions(
+                    st.regions
+                        .values()
+                        .filter(|r| r.tenant == tenant)
+                        .map(region_info)
+                        .collect(),
+                ))
+            }
+            CtlRequest::Status => Ok(CtlReply::Status(self.status(tenant))),
+            other => Err((
+                ErrorCode::NotAuthorized,
+                format!("clients may not send {other:?}"),
+            )),
+        }
+    }
+
+    fn status(&self, tenant: &str) -> ClusterStatus {
+        let st = self.state.lock();
+        let admin = st.tenants.get(tenant).is_some_and(|t| t.t.admin);
+        ClusterStatus {
+            slab_size: self.cfg.slab_size,
+            placement: self.cfg.placement.name().to_string(),
+            servers: st
+                .servers
+                .iter()
+                .map(|(id, s)| ServerInfo {
+                    id: *id,
+                    addr: s.addr.clone(),
+                    capacity: s.capacity,
+                    slabs_total: s.slabs_total,
+                    slabs_used: s.slabs_used.max(s.assigned),
+                    alive: s.alive,
+                    last_seen_ms: s.last_seen.elapsed().as_millis() as u64,
+                })
+                .collect(),
+            tenants: st
+                .tenants
+                .values()
+                .filter(|t| admin || t.t.name == tenant)
+                .map(|t| TenantInfo {
+                    name: t.t.name.clone(),
+                    quota: t.t.quota,
+                    used: t.used,
+                    regions: t.regions,
+                })
+                .collect(),
+            regions: st
+                .regions
+                .values()
+                .filter(|r| admin || r.tenant == tenant)
+                .map(region_info)
+                .collect(),
+        }
+    }
+
+    fn alloc(&self, tenant: &str, size: u64, name: Option<String>) -> Result<RegionMap, Failure> {
+        let ss = self.cfg.slab_size;
+        if size == 0 {
+            return Err((ErrorCode::InvalidArgument, "region size must be positive".into()));
+        }
+        let n = size.div_ceil(ss);
+        if n > MAX_REGION_SLABS {
+            return Err((
+                ErrorCode::InvalidArgument,
+                format!("region of {size} bytes exceeds the maximum of {} bytes", MAX_REGION_SLABS * ss),
+            ));
+        }
+        if let Some(nm) = &name {
+            if !valid_name(nm) {
+                return Err((
+                    ErrorCode::InvalidArgument,
+                    format!("invalid region name {nm:?}: use 1-128 of [A-Za-z0-9-_./]"),
+                ));
+            }
+        }
+        // Reserve under the lock.
+        let (region_id, plan) = {
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            let t = st
+                .tenants
+                .get(tenant)
+                .ok_or((ErrorCode::Unauthenticated, "tenant vanished".to_string()))?;
+            let bytes = n * ss;
+            if let Some(q) = t.t.quota {
+                if t.used + bytes > q {
+                    return Err((
+                        ErrorCode::QuotaExceeded,
+                        format!(
+                            "tenant {tenant:?} would use {} of its {} quota",
+                            remora_proto::size::Bytes(t.used + bytes),
+                            remora_proto::size::Bytes(q)
+                        ),
+                    ));
+                }
+            }
+            if let Some(nm) = &name {
+                if st.names.contains_key(&(tenant.to_string(), nm.clone())) {
+                    return Err((ErrorCode::NameTaken, format!("a region named {nm:?} exists")));
+                }
+            }
+            let cands: Vec<Candidate> = st
+                .servers
+                .iter()
+                .filter(|(_, s)| s.alive)
+                .map(|(id, s)| Candidate { id: *id, free: s.free() })
+                .collect();
+            let picks = placement::place(&cands, n, self.cfg.placement, &mut st.rng).ok_or_else(|| {
+                let free: u64 = cands.iter().map(|c| c.free).sum();
+                (
+                    ErrorCode::InsufficientCapacity,
+                    format!(
+                        "need {n} slabs of {ss} bytes, live servers have {free} free ({} live servers)",
+                        cands.len()
+                    ),
+                )
+            })?;
+            let region_id = st.next_region;
+            st.next_region += 1;
+            let first_slab = st.next_slab;
+            st.next_slab += n;
+            let mut plan = Vec::with_capacity(n as usize);
+            for (i, sid) in picks.into_iter().enumerate() {
+                let s = st.servers.get_mut(&sid).ok_or((ErrorCode::Internal, "server vanished".to_string()))?;
+                s.assigned += 1;
+                let mut key: u64 = st.rng.gen();
+                if key == 0 {
+                    key = 1;
+                }
+                plan.push(SlabLoc {
+                    server_id: sid,
+                    addr: s.addr.clone(),
+                    slab: first_slab + i as u64,
+                    key,
+                });
+            }
+            if let Some(t) = st.tenants.get_mut(tenant) {
+                t.used += bytes;
+                t.regions += 1;
+            }
+            if let Some(nm) = &name {
+                st.names.insert((tenant.to_string(), nm.clone()), 0);
+            }
+            (region_id, plan)
+        };
+        let map = RegionMap {
+            id: region_id,
+            name: name.clone(),
+            size,
+            slab_size: ss,
+            version: 1,
+            slabs: plan,
+        };
+        // Create the slabs outside the lock.
+        let mut created = Vec::new();
+        let mut failure = None;
+        for loc in &map.slabs {
+            match self.admin_call(loc.server_id, &Request::CreateSlab { slab: loc.slab, key: loc.key }) {
+                Ok(()) => created.push(loc.clone()),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let stored = StoredRegion {
+            tenant: tenant.to_string(),
+            map: map.clone(),
+        };
+        if failure.is_none() {
+            let (nr, ns) = {
+                let st = self.state.lock();
+                (st.next_region, st.next_slab)
+            };
+            if let Err(e) = self.store.put_region(&stored, nr, ns) {
+                failure = Some((ErrorCode::Internal, e.to_string()));
+            }
+        }
+        let mut st = self.state.lock();
+        if let Some((code, msg)) = failure {
+            drop(st);
+            for loc in &created {
+                let _ = self.admin_call(loc.server_id, &Request::DropSlab { slab: loc.slab });
+            }
+            let mut st = self.state.lock();
+            self.release(&mut st, &stored);
+            return Err((code, format!("allocating region: {msg}")));
+        }
+        if let Some(nm) = &name {
+            st.names.insert((tenant.to_string(), nm.clone()), region_id);
+        }
+        st.regions.insert(region_id, stored);
+        info!("tenant {tenant:?} allocated region {region_id} ({size} bytes, {} slabs)", map.slabs.len());
+        Ok(map)
+    }
+
+    /// Undoes the accounting of a region (which is not, or no longer, in `regions`).
+    fn release(&self, st: &mut State, r: &StoredRegion) {
+        for loc in &r.map.slabs {
+            if let Some(s) = st.servers.get_mut(&loc.server_id) {
+                s.assigned = s.assigned.saturating_sub(1);
+            }
+        }
+        if let Some(t) = st.tenants.get_mut(&r.tenant) {
+            t.used = t.used.saturating_sub(r.map.slabs.len() as u64 * r.map.slab_size);
+            t.regions = t.regions.saturating_sub(1);
+        }
+        if let Some(nm) = &r.map.name {
+            st.names.remove(&(r.tenant.clone(), nm.clone()));
+        }
+    }
+
+    fn free(&self, tenant: &str, region: u64) -> Result<(), Failure> {
+        let r = {
+            let mut st = self.state.lock();
+            match st.regions.get(&region) {
+                Some(r) if r.tenant == tenant => {}
+                _ => return Err((ErrorCode::RegionNotFound, format!("no region {region}"))),
+            }
+            self.store
+                .delete_region(region)
+                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+            let Some(r) = st.regions.remove(&region) else {
+                return Err((ErrorCode::RegionNotFound, format!("no region {region}")));
+            };
+            self.release(&mut st, &r);
+            r
+        };
+        for loc in &r.map.slabs {
+            if let Err((code, msg)) = self.admin_call(loc.server_id, &Request::DropSlab { slab: loc.slab }) {
+                debug!("dropping slab {} on {}: {code}: {msg}", loc.slab, loc.addr);
+            }
+        }
+        info!("tenant {tenant:?} freed region {region}");
+        Ok(())
+    }
+
+    /// Sends a control operation to a server over a cached admin connection.
+    fn admin_call(&self, server_id: u64, req: &Request<'_>) -> Result<(), Failure> {
+        let (addr, key) = {
+            let st = self.state.lock();
+            let s = st
+                .servers
+                .get(&server_id)
+                .ok_or((ErrorCode::ServerUnavailable, format!("server {server_id:016x} is gone")))?;
+            (s.addr.clone(), s.admin_key)
+        };
+        let slot = self
+            .admin_conns
+            .lock()
+            .entry(server_id)
+            .or_insert_with(|| Arc::new(Mutex::new(None)))
+            .clone();
+        let mut conn = slot.lock();
+        let unavailable = |e: NetError| (ErrorCode::ServerUnavailable, format!("server {addr}: {e}"));
+        if conn.is_none() {
+            let mut c = RpcConn::connect(&TcpTransport, &addr, Duration::from_secs(2), LatencyInjector::default())
+                .map_err(unavailable)?;
+            let f = c.call(|b, id| data::hello(b, id, key)).map_err(unavailable)?;
+            match data::decode_reply(f.kind, &f.payload) {
+                Ok(Reply::HelloOk { .. }) => {}
+                other => return Err((ErrorCode::ServerUnavailable, format!("server {addr}: handshake: {other:?}"))),
+            }
+            *conn = Some(c);
+        }
+        let Some(c) = conn.as_mut() else {
+            return Err((ErrorCode::Internal, "no admin connection".into()));
+        };
+        let f = match c.call(|b, id| data::encode_request(b, id, req)) {
+            Ok(f) => f,
+            Err(e) => {
+                *conn = None;
+                return Err(unavailable(e));
+            }
+        };
+        match data::decode_reply(f.kind, &f.payload) {
+            Ok(Reply::Done) => Ok(()),
+            Ok(Reply::Error { code, message }) => Err((code, format!("server {addr}: {message}"))),
+            other => Err((ErrorCode::Internal, format!("server {addr}: unexpected {other:?}"))),
+        }
+    }
+}
+
+fn region_info(r: &StoredRegion) -> RegionInfo {
+    RegionInfo {
+        id: r.map.id,
+        name: r.map.name.clone(),
+        tenant: r.tenant.clone(),
+        size: r.map.size,
+        slabs: r.map.slabs.len() as u64,
+        version: r.map.version,
+    }
+}

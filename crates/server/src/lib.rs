@@ -1,1 +1,573 @@
-//! placeholder
+//! The Remora memory server.
+//!
+//! A server owns a fixed capacity of DRAM carved into slabs ([`pool`]) and
+//! serves one-sided operations on them: read, write, compare-and-swap,
+//! fetch-and-add and batches of these, plus control operations (create, drop
+//! and copy slab) that only the controller may send (it authenticates with
+//! the server's admin key in the handshake). It registers with the
+//! controller, learns the cluster's slab size from it, and heartbeats its
+//! usage.
+//!
+//! The server never trusts a client: every data operation carries a slab
+//! capability that is checked before any byte is touched; a malformed
+//! request gets a typed error reply; a frame that breaks the framing (too
+//! large, too short) gets an error reply and the connection is closed.
+//! Nothing a client sends can panic the process or touch another slab.
+//!
+//! Threading: one thread per connection. Each reads as many frames as have
+//! arrived, executes them in order, and writes all replies with one write
+//! before it blocks again, so pipelined requests cost one system call per
+//! burst rather than per request.
+
+pub mod pool;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use remora_net::{FramedReader, LatencyInjector, NetError, RpcConn, Stream, TcpTransport};
+use remora_proto::ctl::{self, CtlReply, CtlRequest};
+use remora_proto::data::{
+    self, decode_request, put_data_header, put_error, BatchReplyWriter, Reply, Request, SubOp,
+    Target,
+};
+use remora_proto::frame::{DEFAULT_MAX_FRAME, HEADER_LEN};
+use remora_proto::{ErrorCode, VERSION};
+use tracing::{debug, info, warn};
+
+pub use pool::SlabPool;
+
+/// Memory server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    pub listen: String,
+    /// Address to advertise to the controller and clients (default: the bound address).
+    pub advertise: Option<String>,
+    /// Controller address.
+    pub controller: String,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Delay added to every received message.
+    pub inject_latency: Duration,
+    /// Largest frame accepted.
+    pub max_frame: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:0".into(),
+            advertise: None,
+            controller: "127.0.0.1:7070".into(),
+            capacity: 1 << 30,
+            inject_latency: Duration::ZERO,
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// Server errors (start-up only: serving errors go to the client).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Could not bind the listen address.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Capacity too small.
+    #[error("capacity must be at least one byte")]
+    ZeroCapacity,
+}
+
+#[derive(Debug)]
+struct Shared {
+    id: u64,
+    admin_key: u64,
+    cfg: ServerConfig,
+    pool: OnceLock<SlabPool>,
+    latency: LatencyInjector,
+    connections: AtomicU64,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: String,
+    shared: Arc<Shared>,
+}
+
+impl ServerHandle {
+    /// The address clients reach the server at.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// This server's id.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// True once registered with a controller (slabs can be created).
+    pub fn ready(&self) -> bool {
+        self.shared.pool.get().is_some()
+    }
+}
+
+/// Binds the listen address and starts the acceptor and registration threads.
+pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+    if cfg.capacity == 0 {
+        return Err(ServerError::ZeroCapacity);
+    }
+    let listener = TcpListener::bind(&cfg.listen).map_err(|source| ServerError::Bind {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: cfg.listen.clone(),
+            source,
+        })?
+        .to_string();
+    let addr = cfg.advertise.clone().unwrap_or(bound);
+    let shared = Arc::new(Shared {
+        id: nonzero_random(),
+        admin_key: nonzero_random(),
+        latency: LatencyInjector::new(cfg.inject_latency),
+        cfg,
+        pool: OnceLock::new(),
+        connections: AtomicU64::new(0),
+    });
+    {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("remora-accept".into())
+            .spawn(move || accept_loop(listener, shared))
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+    }
+    {
+        let shared = shared.clone();
+        let a = addr.clone();
+        std::thread::Builder::new()
+            .name("remora-register".into())
+            .spawn(move || register_loop(shared, a))
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+    }
+    Ok(ServerHandle { addr, shared })
+}
+
+fn nonzero_random() -> u64 {
+    loop {
+        let v: u64 = rand::random();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for s in listener.incoming() {
+        match s {
+            Ok(s) => {
+                let shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("remora-conn".into())
+                    .spawn(move || serve(s, shared));
+                if let Err(e) = spawned {
+                    warn!("cannot start a connection thread: {e}");
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                warn!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Registers with the controller and heartbeats; reconnects forever.
+fn register_loop(shared: Arc<Shared>, addr: String) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match register_once(&shared, &addr) {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(e) => {
+                debug!("controller {}: {e}", shared.cfg.controller);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+        std::thread::sleep(backoff);
+    }
+}
+
+fn ctl_call(conn: &mut RpcConn, req: &CtlRequest) -> Result<CtlReply, String> {
+    let f = conn
+        .call(|b, id| ctl::encode(b, id, ctl::CTL_REQUEST, req))
+        .map_err(|e| e.to_string())?;
+    if f.kind != ctl::CTL_REPLY {
+        return Err(format!("unexpected reply kind 0x{:x}", f.kind));
+    }
+    ctl::decode_reply(&f.payload).map_err(|e| e.to_string())
+}
+
+fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
+    let mut conn = RpcConn::connect(
+        &TcpTransport,
+        &shared.cfg.controller,
+        Duration::from_secs(5),
+        LatencyInjector::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let reply = ctl_call(
+        &mut conn,
+        &CtlRequest::Register {
+            version: VERSION,
+            server_id: shared.id,
+            addr: addr.to_string(),
+            admin_key: shared.admin_key,
+            capacity: shared.cfg.capacity,
+        },
+    )?;
+    let (slab_size, hb) = match reply {
+        CtlReply::Registered {
+            slab_size,
+            heartbeat_ms,
+        } => (slab_size, heartbeat_ms),
+        CtlReply::Error { code, message } => return Err(format!("register refused: {code}: {message}")),
+        other => return Err(format!("unexpected reply {other:?}")),
+    };
+    let pool = shared
+        .pool
+        .get_or_init(|| SlabPool::new(shared.cfg.capacity, slab_size));
+    if pool.slab_size() != slab_size {
+        return Err(format!(
+            "controller wants slab size {slab_size} but this server already uses {}; restart the server",
+            pool.slab_size()
+        ));
+    }
+    info!(
+        "registered with controller {} as server {:016x} ({} slabs of {} bytes)",
+        shared.cfg.controller,
+        shared.id,
+        pool.total_slabs(),
+        slab_size
+    );
+    let interval = Duration::from_millis(hb.clamp(10, 60_000));
+    loop {
+        std::thread::sleep(interval);
+        let reply = ctl_call(
+            &mut conn,
+            &CtlRequest::Heartbeat {
+                server_id: shared.id,
+                slabs_used: pool.used_slabs(),
+                slabs_total: pool.total_slabs(),
+            },
+        )?;
+        match reply {
+            CtlReply::Ack => {}
+            CtlReply::Error { code, message } => return Err(format!("heartbeat refused: {code}: {message}")),
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+    }
+}
+
+struct ConnState {
+    admin: bool,
+    greeted: bool,
+    scratch: Vec<u8>,
+}
+
+fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let _ = stream.set_nodelay(true);
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => {
+            warn!("{peer}: {e}");
+            return;
+        }
+    };
+    let boxed: Box<dyn Stream> = Box::new(stream);
+    let mut reader = FramedReader::new(boxed, &peer, shared.cfg.max_frame, shared.latency);
+    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let mut st = ConnState {
+        admin: false,
+        greeted: false,
+        scratch: Vec::new(),
+    };
+    let mut out: Vec<u8> = Vec::with_capacity(256 << 10);
+    let result = (|| -> Result<(), NetError> {
+        loop {
+            loop {
+                let f = match reader.try_frame() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(NetError::Decode { source, .. }) => {
+                        // The framing is broken (oversized or undersized
+                        // length): say why, then hang up, as the stream
+                        // cannot be resynchronised.
+                        let code = match source {
+                            remora_proto::DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+                            _ => ErrorCode::Malformed,
+                        };
+                        put_error(&mut out, 0, code, &source.to_string());
+                        let _ = writer.write_all(&out);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                };
+                let (id, kind) = (f.id, f.kind);
+                let keep = handle(&shared, &mut st, id, kind, f.payload, &mut out);
+                reader.consume();
+                if !keep {
+                    let _ = writer.write_all(&out);
+                    return Ok(());
+                }
+                if out.len() >= 256 << 10 {
+                    flush(&mut writer, &mut out, &peer)?;
+                }
+            }
+            flush(&mut writer, &mut out, &peer)?;
+            reader.fill()?;
+        }
+    })();
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    match result {
+        Ok(()) | Err(NetError::Closed { .. }) => debug!("{peer}: connection closed"),
+        Err(e) => debug!("{peer}: {e}"),
+    }
+}
+
+fn flush(w: &mut TcpStream, out: &mut Vec<u8>, peer: &str) -> Result<(), NetError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    w.write_all(out).map_err(|source| NetError::Io {
+        op: "write to",
+        addr: peer.to_string(),
+        source,
+    })?;
+    out.clear();
+    Ok(())
+}
+
+/// Executes one request and appends its reply. Returns false to close the connection.
+fn handle(shared: &Shared, st: &mut ConnState, id: u64, kind: u16, payload: &[u8], out: &mut Vec<u8>) -> bool {
+    let req = match decode_request(kind, payload) {
+        Ok(r) => r,
+        Err(e) => {
+            put_error(out, id, ErrorCode::Malformed, &e.to_string());
+            return st.greeted;
+        }
+    };
+    if !st.greeted {
+        return match req {
+            Request::Hello { version, admin_key } => {
+                if version != VERSION {
+                    put_error(
+                        out,
+                        id,
+                        ErrorCode::UnsupportedVersion,
+                        &format!("server speaks protocol version {VERSION}, client {version}"),
+                    );
+                    return false;
+                }
+                st.greeted = true;
+                st.admin = admin_key != 0 && admin_key == shared.admin_key;
+                data::encode_reply(
+                    out,
+                    id,
+                    &Reply::HelloOk {
+                        version: VERSION,
+                        server_id: shared.id,
+                        slab_size: shared.pool.get().map_or(0, |p| p.slab_size()),
+                        max_frame: shared.cfg.max_frame,
+                    },
+                );
+                true
+            }
+            _ => {
+                put_error(out, id, ErrorCode::HandshakeRequired, "send a handshake first");
+                false
+            }
+        };
+    }
+    let Some(pool) = shared.pool.get() else {
+        put_error(out, id, ErrorCode::NotReady, "server has not registered with a controller yet");
+        return true;
+    };
+    let max_reply = shared.cfg.max_frame as usize - HEADER_LEN;
+    match req {
+        Request::Hello { .. } => put_error(out, id, ErrorCode::Malformed, "handshake already done"),
+        Request::Read { at, len } => {
+            if len as usize > max_reply {
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::FrameTooLarge,
+                    &format!("read of {len} bytes exceeds the maximum reply of {max_reply}"),
+                );
+            } else {
+                let r = pool.read(&at, len, |bytes| {
+                    put_data_header(out, id, bytes.len());
+                    out.extend_from_slice(bytes);
+                });
+                if let Err(code) = r {
+                    put_error(out, id, code, &describe(code, &at));
+                }
+            }
+        }
+        Request::Write { at, data } => match pool.write(&at, data) {
+            Ok(()) => data::encode_reply(out, id, &Reply::Done),
+            Err(code) => put_error(out, id, code, &describe(code, &at)),
+        },
+        Request::Cas { at, expected, new } => match pool.cas(&at, expected, new) {
+            Ok(v) => data::encode_reply(out, id, &Reply::Value(v)),
+            Err(code) => put_error(out, id, code, &describe(code, &at)),
+        },
+        Request::Faa { at, delta } => match pool.faa(&at, delta) {
+            Ok(v) => data::encode_reply(out, id, &Reply::Value(v)),
+            Err(code) => put_error(out, id, code, &describe(code, &at)),
+        },
+        Request::Batch(ops) => {
+            let mut w = BatchReplyWriter::begin(out, id);
+            let mut reply_bytes = 0usize;
+            for sub in ops.iter() {
+                match sub {
+                    Ok(SubOp::Read { at, len }) => {
+                        reply_bytes += len as usize + 6;
+                        if reply_bytes > max_reply {
+                            w.error(out, ErrorCode::FrameTooLarge);
+                            continue;
+                        }
+                        let r = pool.read(&at, len, |bytes| w.data(out, bytes.len(), |d| d.copy_from_slice(bytes)));
+                        if let Err(code) = r {
+                            w.error(out, code);
+                        }
+                    }
+                    Ok(SubOp::Write { at, data }) => match pool.write(&at, data) {
+                        Ok(()) => w.done(out),
+                        Err(code) => w.error(out, code),
+                    },
+                    Ok(SubOp::Cas { at, expected, new }) => match pool.cas(&at, expected, new) {
+                        Ok(v) => w.value(out, v),
+                        Err(code) => w.error(out, code),
+                    },
+                    Ok(SubOp::Faa { at, delta }) => match pool.faa(&at, delta) {
+                        Ok(v) => w.value(out, v),
+                        Err(code) => w.error(out, code),
+                    },
+                    Err(_) => w.error(out, ErrorCode::Malformed),
+                }
+            }
+            w.finish(out);
+        }
+        Request::CreateSlab { slab, key } => {
+            if !st.admin {
+                put_error(out, id, ErrorCode::NotAuthorized, "create slab needs the admin key");
+            } else {
+                match pool.create(slab, key) {
+                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
+                    Err(code) => put_error(out, id, code, &format!("create slab {slab}: {code}")),
+                }
+            }
+        }
+        Request::DropSlab { slab } => {
+            if !st.admin {
+                put_error(out, id, ErrorCode::NotAuthorized, "drop slab needs the admin key");
+            } else {
+                match pool.drop_slab(slab) {
+                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
+                    Err(code) => put_error(out, id, code, &format!("drop slab {slab}: {code}")),
+                }
+            }
+        }
+        Request::CopySlab {
+            slab,
+            dest_slab,
+            dest_key,
+            dest_addr,
+        } => {
+            if !st.admin {
+                put_error(out, id, ErrorCode::NotAuthorized, "copy slab needs the admin key");
+            } else {
+                match copy_slab(pool, slab, dest_addr, dest_slab, dest_key, &mut st.scratch) {
+                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
+                    Err((code, msg)) => put_error(out, id, code, &msg),
+                }
+            }
+        }
+        Request::Stats => {
+            let mut s = pool.stats();
+            s.connections = shared.connections.load(Ordering::Relaxed);
+            data::encode_reply(out, id, &Reply::Stats(s));
+        }
+    }
+    true
+}
+
+fn describe(code: ErrorCode, at: &Target) -> String {
+    format!("slab {} offset {}: {code}", at.slab, at.offset)
+}
+
+/// Copies a whole slab to another server in 1 MiB writes.
+fn copy_slab(
+    pool: &SlabPool,
+    slab: u64,
+    dest_addr: &str,
+    dest_slab: u64,
+    dest_key: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), (ErrorCode, String)> {
+    let unavailable = |e: NetError| (ErrorCode::ServerUnavailable, format!("copy to {dest_addr}: {e}"));
+    let mut conn = RpcConn::connect(&TcpTransport, dest_addr, Duration::from_secs(5), LatencyInjector::default())
+        .map_err(unavailable)?;
+    let check = |f: remora_net::OwnedFrame| -> Result<(), (ErrorCode, String)> {
+        match data::decode_reply(f.kind, &f.payload) {
+            Ok(Reply::HelloOk { .. }) | Ok(Reply::Done) => Ok(()),
+            Ok(Reply::Error { code, message }) => Err((code, format!("copy to {dest_addr}: {message}"))),
+            other => Err((ErrorCode::Internal, format!("copy to {dest_addr}: unexpected {other:?}"))),
+        }
+    };
+    check(conn.call(|b, id| data::hello(b, id, 0)).map_err(unavailable)?)?;
+    let started = Instant::now();
+    let size = pool.slab_size();
+    let chunk = 1u64 << 20;
+    let mut off = 0;
+    while off < size {
+        let n = chunk.min(size - off) as usize;
+        pool.read_admin(slab, off, buf, n)
+            .map_err(|c| (c, format!("copy slab {slab}: {c}")))?;
+        let at = Target {
+            slab: dest_slab,
+            key: dest_key,
+            offset: off,
+        };
+        let data: &[u8] = buf;
+        check(
+            conn.call(|b, id| data::encode_request(b, id, &Request::Write { at, data }))
+                .map_err(unavailable)?,
+        )?;
+        off += n as u64;
+    }
+    debug!("copied slab {slab} to {dest_addr} in {:?}", started.elapsed());
+    Ok(())
+}
