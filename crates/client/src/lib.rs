@@ -1,1 +1,397 @@
-//! placeholder
+//! The Remora client runtime.
+//!
+//! [`Cluster::connect`] authenticates to the controller as a tenant; the
+//! cluster handle allocates, opens and frees [`Region`]s. A region is a far
+//! byte range `[0, size)` spread over slabs on several memory servers; the
+//! client caches the region→slab map and talks to the servers directly, one
+//! pipelined connection per server ([`conn`]), shared by every region and
+//! thread of the process.
+//!
+//! On a region: [`Region::read`], [`Region::write`],
+//! [`Region::compare_and_swap`] and [`Region::fetch_add`] (8-byte aligned,
+//! little-endian words), vectored and batched forms ([`Region::batch`]),
+//! and async forms (`*_async`, plain `std::future::Future`s that work on any
+//! executor) so one thread keeps many requests in flight. A request that
+//! spans slabs is split and its pieces go out in parallel.
+//!
+//! Failure handling: every request has a deadline; a dropped connection is
+//! replaced on next use; reads and writes (idempotent) are retried after a
+//! reconnect or a map refresh; atomics are not retried once sent, since the
+//! server may have applied them. A server that no longer knows a slab
+//! triggers a refresh of the region map from the controller.
+//!
+//! Sharing: [`FarMutex`] and [`FarBarrier`] coordinate clients that share a
+//! named region, using the servers' compare-and-swap and fetch-and-add.
+
+mod conn;
+mod region;
+mod sync;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use remora_net::{LatencyInjector, NetError, RpcConn, TcpTransport, Transport};
+use remora_proto::ctl::{self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap};
+use remora_proto::{ErrorCode, VERSION};
+
+pub use region::{Batch, BatchResult, OpFuture, ReadFuture, Region};
+pub use remora_proto::ctl::{ClusterStatus as Status, RegionInfo as RegionSummary};
+pub use sync::{FarBarrier, FarMutex, FarMutexGuard};
+
+use conn::Conn;
+
+/// Client errors. Each says what failed and where.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Talking to the controller failed.
+    #[error("controller {addr}: {source}")]
+    Controller {
+        /// Controller address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: Arc<NetError>,
+    },
+    /// The controller refused the request.
+    #[error("controller: {code}: {message}")]
+    Rejected {
+        /// Error code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// Talking to a memory server failed (connection refused, reset, closed).
+    #[error("server {addr}: {source}")]
+    Server {
+        /// Server address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: Arc<NetError>,
+    },
+    /// A memory server refused the request.
+    #[error("server {addr}: {message}")]
+    Remote {
+        /// Server address.
+        addr: String,
+        /// Error code.
+        code: ErrorCode,
+        /// Detail.
+        message: String,
+    },
+    /// No reply before the deadline.
+    #[error("server {addr}: no reply within {timeout:?}")]
+    Timeout {
+        /// Server address.
+        addr: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// Access outside the region.
+    #[error("region {region}: range [{offset}, {offset}+{len}) is outside its {size} bytes")]
+    OutOfRange {
+        /// Region id.
+        region: u64,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Region size.
+        size: u64,
+    },
+    /// An atomic at an offset that is not 8-byte aligned.
+    #[error("region {region}: atomic at offset {offset} is not 8-byte aligned")]
+    Unaligned {
+        /// Region id.
+        region: u64,
+        /// Offset.
+        offset: u64,
+    },
+    /// The peer answered something this client does not understand.
+    #[error("{addr}: protocol error: {detail}")]
+    Protocol {
+        /// Peer address.
+        addr: String,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl ClientError {
+    pub(crate) fn net(addr: &str, source: NetError) -> Self {
+        ClientError::Server {
+            addr: addr.to_string(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// The protocol error code behind this error, if any.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Rejected { code, .. } | ClientError::Remote { code, .. } => Some(*code),
+            ClientError::OutOfRange { .. } => Some(ErrorCode::OutOfRange),
+            ClientError::Unaligned { .. } => Some(ErrorCode::Unaligned),
+            ClientError::Server { .. } | ClientError::Timeout { .. } => Some(ErrorCode::ServerUnavailable),
+            _ => None,
+        }
+    }
+
+    /// True if the connection to a server failed or timed out.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ClientError::Server { .. } | ClientError::Timeout { .. })
+    }
+}
+
+/// Result alias.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of each request.
+    pub request_timeout: Duration,
+    /// Deadline of each connection attempt.
+    pub connect_timeout: Duration,
+    /// Delay added to every received reply (fabric emulation).
+    pub inject_latency: Duration,
+    /// Largest piece one read or write request carries; bigger ones are split.
+    pub max_io: usize,
+    /// How often a failed idempotent request is retried.
+    pub retries: u32,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            inject_latency: Duration::ZERO,
+            max_io: 1 << 20,
+            retries: 3,
+        }
+    }
+}
+
+/// A connection to a Remora cluster, authenticated as one tenant.
+///
+/// Cheap to clone; clones share connections.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    controller: String,
+    token: String,
+    tenant: String,
+    pub(crate) opts: ClientOptions,
+    transport: Arc<dyn Transport>,
+    ctl: Mutex<Option<RpcConn>>,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+}
+
+impl Cluster {
+    /// Connects to the controller at `controller` with a tenant token.
+    pub fn connect(controller: &str, token: &str) -> Result<Cluster> {
+        Self::connect_with(controller, token, ClientOptions::default())
+    }
+
+    /// Connects with explicit options.
+    pub fn connect_with(controller: &str, token: &str, opts: ClientOptions) -> Result<Cluster> {
+        let mut inner = Inner {
+            controller: controller.to_string(),
+            token: token.to_string(),
+            tenant: String::new(),
+            opts,
+            transport: Arc::new(TcpTransport),
+            ctl: Mutex::new(None),
+            conns: Mutex::new(HashMap::new()),
+        };
+        let (conn, tenant) = inner.ctl_connect()?;
+        inner.tenant = tenant;
+        *inner.ctl.get_mut() = Some(conn);
+        Ok(Cluster { inner: Arc::new(inner) })
+    }
+
+    /// The tenant this cluster handle acts for.
+    pub fn tenant(&self) -> &str {
+        &self.inner.tenant
+    }
+
+    /// The controller address.
+    pub fn controller(&self) -> &str {
+        &self.inner.controller
+    }
+
+    /// Allocates an unnamed region of `size` bytes.
+    pub fn alloc_region(&self, size: u64) -> Result<Region> {
+        self.alloc(size, None)
+    }
+
+    /// Allocates a region that other clients of the tenant can open by `name`.
+    pub fn alloc_named(&self, name: &str, size: u64) -> Result<Region> {
+        self.alloc(size, Some(name.to_string()))
+    }
+
+    fn alloc(&self, size: u64, name: Option<String>) -> Result<Region> {
+        match self.inner.ctl_call(&CtlRequest::Alloc { size, name }, false)? {
+            CtlReply::Region(map) => Ok(Region::new(self.inner.clone(), map)),
+            other => Err(unexpected(&self.inner.controller, &other)),
+        }
+    }
+
+    /// Opens the tenant's region called `name`.
+    pub fn open_region(&self, name: &str) -> Result<Region> {
+        match self.inner.ctl_call(&CtlRequest::Open { name: name.to_string() }, true)? {
+            CtlReply::Region(map) => Ok(Region::new(self.inner.clone(), map)),
+            other => Err(unexpected(&self.inner.controller, &other)),
+        }
+    }
+
+    /// Frees a region by id (its data is gone; other handles to it get errors).
+    pub fn free_region(&self, id: u64) -> Result<()> {
+        match self.inner.ctl_call(&CtlRequest::Free { region: id }, false)? {
+            CtlReply::Ack => Ok(()),
+            other => Err(unexpected(&self.inner.controller, &other)),
+        }
+    }
+
+    /// The tenant's regions.
+    pub fn list_regions(&self) -> Result<Vec<RegionInfo>> {
+        match self.inner.ctl_call(&CtlRequest::List, true)? {
+            CtlReply::Regions(v) => Ok(v),
+            other => Err(unexpected(&self.inner.controller, &other)),
+        }
+    }
+
+    /// Cluster status: servers, tenants and regions visible to this tenant.
+    pub fn status(&self) -> Result<ClusterStatus> {
+        match self.inner.ctl_call(&CtlRequest::Status, true)? {
+            CtlReply::Status(s) => Ok(s),
+            other => Err(unexpected(&self.inner.controller, &other)),
+        }
+    }
+}
+
+fn unexpected(addr: &str, r: &CtlReply) -> ClientError {
+    ClientError::Protocol {
+        addr: addr.to_string(),
+        detail: format!("unexpected reply {r:?}"),
+    }
+}
+
+impl Inner {
+    fn ctl_connect(&self) -> Result<(RpcConn, String)> {
+        let e = |source| ClientError::Controller {
+            addr: self.controller.clone(),
+            source: Arc::new(source),
+        };
+        let mut c = RpcConn::connect(
+            &*self.transport,
+            &self.controller,
+            self.opts.connect_timeout,
+            LatencyInjector::default(),
+        )
+        .map_err(e)?;
+        let hello = CtlRequest::ClientHello {
+            version: VERSION,
+            token: self.token.clone(),
+        };
+        let f = c
+            .call(|b, id| ctl::encode(b, id, ctl::CTL_REQUEST, &hello))
+            .map_err(e)?;
+        match decode_ctl(&self.controller, &f)? {
+            CtlReply::Welcome { tenant } => Ok((c, tenant)),
+            other => Err(unexpected(&self.controller, &other)),
+        }
+    }
+
+    /// Sends a control request, reconnecting first if the connection broke.
+    /// `retry`: the request is safe to resend after a failure mid-call.
+    fn ctl_call(&self, req: &CtlRequest, retry: bool) -> Result<CtlReply> {
+        let mut guard = self.ctl.lock();
+        let mut attempts = if retry { 2 } else { 1 };
+        loop {
+            attempts -= 1;
+            if guard.is_none() {
+                *guard = Some(self.ctl_connect()?.0);
+            }
+            let Some(c) = guard.as_mut() else { continue };
+            match c.call(|b, id| ctl::encode(b, id, ctl::CTL_REQUEST, req)) {
+                Ok(f) => return decode_ctl(&self.controller, &f),
+                Err(e) => {
+                    *guard = None;
+                    if attempts == 0 {
+                        return Err(ClientError::Controller {
+                            addr: self.controller.clone(),
+                            source: Arc::new(e),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn get_map(&self, region: u64) -> Result<RegionMap> {
+        match self.ctl_call(&CtlRequest::GetMap { region }, true)? {
+            CtlReply::Region(m) => Ok(m),
+            other => Err(unexpected(&self.controller, &other)),
+        }
+    }
+
+    /// The pooled connection to `addr`, (re)connecting if needed.
+    pub(crate) fn conn(&self, addr: &str) -> Result<Arc<Conn>> {
+        let mut pool = self.conns.lock();
+        if let Some(c) = pool.get(addr) {
+            if !c.is_dead() {
+                return Ok(c.clone());
+            }
+        }
+        let c = Conn::connect(
+            &*self.transport,
+            addr,
+            self.opts.connect_timeout,
+            self.opts.request_timeout,
+            LatencyInjector::new(self.opts.inject_latency),
+        )?;
+        pool.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Drops a broken connection so the next use reconnects.
+    pub(crate) fn forget_conn(&self, addr: &str) {
+        let mut pool = self.conns.lock();
+        if pool.get(addr).is_some_and(|c| c.is_dead()) {
+            pool.remove(addr);
+        }
+    }
+}
+
+fn decode_ctl(addr: &str, f: &remora_net::OwnedFrame) -> Result<CtlReply> {
+    if f.kind != ctl::CTL_REPLY {
+        if let Ok(remora_proto::data::Reply::Error { code, message }) =
+            remora_proto::data::decode_reply(f.kind, &f.payload)
+        {
+            return Err(ClientError::Rejected {
+                code,
+                message: message.to_string(),
+            });
+        }
+        return Err(ClientError::Protocol {
+            addr: addr.to_string(),
+            detail: format!("unexpected frame kind 0x{:x}", f.kind),
+        });
+    }
+    match ctl::decode_reply(&f.payload) {
+        Ok(CtlReply::Error { code, message }) => Err(ClientError::Rejected { code, message }),
+        Ok(r) => Ok(r),
+        Err(e) => Err(ClientError::Protocol {
+            addr: addr.to_string(),
+            detail: e.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,442 @@
+//! A pipelined, multiplexed connection to one memory server.
+//!
+//! Many requests may be in flight on one connection and their replies may
+//! arrive in any order; each request gets a slot keyed by its request id.
+//!
+//! Who reads the socket (leader/follower): a thread waiting for a reply
+//! becomes the reader if nobody is reading, reads frames and delivers each
+//! to its slot until its own reply is there, then hands the role on. So a
+//! single thread doing one request at a time reads its own reply directly,
+//! with no thread hand-off on the critical path. Futures cannot block, so
+//! when a future is pending and nobody is reading, a per-connection driver
+//! thread takes the reader role until no future is waiting; it also expires
+//! the deadlines of futures.
+//!
+//! Concurrency contract: `state` guards the slots and the `reading` flag;
+//! only the thread that set `reading` locks `reader`; `writer` is locked
+//! only while one frame is written. A connection that fails (I/O error,
+//! undecodable frame) is marked dead: every pending slot completes with the
+//! error and the pool replaces the connection on next use.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use remora_net::{FramedReader, LatencyInjector, NetError, OwnedFrame, Stream, Transport};
+use remora_proto::data::{self, Reply};
+use remora_proto::VERSION;
+
+use crate::ClientError;
+
+/// How long a reader blocks in one `read` before re-checking deadlines.
+const READ_TICK: Duration = Duration::from_millis(20);
+
+enum Slot {
+    Pending { waker: Option<Waker>, deadline: Instant },
+    Ready(Result<OwnedFrame, ClientError>),
+}
+
+struct State {
+    slots: HashMap<u64, Slot>,
+    reading: bool,
+    dead: Option<ClientError>,
+    /// Slots with a registered waker (futures waiting).
+    async_waiters: usize,
+}
+
+struct Writer {
+    stream: Box<dyn Stream>,
+    buf: Vec<u8>,
+}
+
+/// One connection to a memory server.
+pub(crate) struct Conn {
+    addr: String,
+    state: Mutex<State>,
+    cond: Condvar,
+    reader: Mutex<FramedReader>,
+    writer: Mutex<Writer>,
+    next_id: AtomicU64,
+    driver_started: AtomicBool,
+    timeout: Duration,
+    max_frame: u32,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Connects and performs the handshake.
+    pub(crate) fn connect(
+        transport: &dyn Transport,
+        addr: &str,
+        connect_timeout: Duration,
+        timeout: Duration,
+        latency: LatencyInjector,
+    ) -> Result<Arc<Conn>, ClientError> {
+        let net = |source: NetError| ClientError::net(addr, source);
+        let s = transport.connect(addr, connect_timeout).map_err(net)?;
+        let io = |source| {
+            net(NetError::Io {
+                op: "set up",
+                addr: addr.to_string(),
+                source,
+            })
+        };
+        let mut w = s.try_clone_stream().map_err(io)?;
+        s.set_read_timeout(Some(READ_TICK)).map_err(io)?;
+        let mut r = FramedReader::new(s, addr, remora_proto::frame::DEFAULT_MAX_FRAME, latency);
+        let mut buf = Vec::new();
+        data::hello(&mut buf, 0, 0);
+        w.write_all(&buf).map_err(|source| {
+            net(NetError::Io {
+                op: "write to",
+                addr: addr.to_string(),
+                source,
+            })
+        })?;
+        let f = r.next_owned(Some(Instant::now() + timeout)).map_err(net)?;
+        let max_frame = match data::decode_reply(f.kind, &f.payload) {
+            Ok(Reply::HelloOk { version, max_frame, .. }) if version == VERSION => max_frame,
+            Ok(Reply::Error { code, message }) => {
+                return Err(ClientError::Remote {
+                    addr: addr.to_string(),
+                    code,
+                    message: message.to_string(),
+                })
+            }
+            other => {
+                return Err(ClientError::Protocol {
+                    addr: addr.to_string(),
+                    detail: format!("bad handshake reply: {other:?}"),
+                })
+            }
+        };
+        Ok(Arc::new(Conn {
+            addr: addr.to_string(),
+            state: Mutex::new(State {
+                slots: HashMap::new(),
+                reading: false,
+                dead: None,
+                async_waiters: 0,
+            }),
+            cond: Condvar::new(),
+            reader: Mutex::new(r),
+            writer: Mutex::new(Writer { stream: w, buf }),
+            next_id: AtomicU64::new(1),
+            driver_started: AtomicBool::new(false),
+            timeout,
+            max_frame,
+        }))
+    }
+
+    pub(crate) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.state.lock().dead.is_some()
+    }
+
+    /// Sends the frame `encode(buf, id)` appends; returns its request id.
+    pub(crate) fn submit(&self, encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<u64, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = self.state.lock();
+            if let Some(e) = &st.dead {
+                return Err(e.clone());
+            }
+            st.slots.insert(
+                id,
+                Slot::Pending {
+                    waker: None,
+                    deadline: Instant::now() + self.timeout,
+                },
+            );
+        }
+        let res = {
+            let mut w = self.writer.lock();
+            let w = &mut *w;
+            w.buf.clear();
+            encode(&mut w.buf, id);
+            if w.buf.len() > self.max_frame as usize {
+                let n = w.buf.len();
+                self.state.lock().slots.remove(&id);
+                return Err(ClientError::Remote {
+                    addr: self.addr.clone(),
+                    code: remora_proto::ErrorCode::FrameTooLarge,
+                    message: format!("request of {n} bytes exceeds the server's maximum frame of {}", self.max_frame),
+                });
+            }
+            w.stream.write_all(&w.buf)
+        };
+        if let Err(source) = res {
+            let e = ClientError::net(
+                &self.addr,
+                NetError::Io {
+                    op: "write to",
+                    addr: self.addr.clone(),
+                    source,
+                },
+            );
+            self.fail_all(e.clone());
+            self.state.lock().slots.remove(&id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Marks the connection dead and completes every pending slot with `e`.
+    fn fail_all(&self, e: ClientError) {
+        let mut st = self.state.lock();
+        if st.dead.is_none() {
+            st.dead = Some(e.clone());
+        }
+        for slot in st.slots.values_mut() {
+            if let Slot::Pending { waker, .. } = slot {
+                if let Some(w) = waker.take() {
+                    w.wake();
+                }
+                *slot = Slot::Ready(Err(e.clone()));
+            }
+        }
+        st.async_waiters = 0;
+        drop(st);
+        let _ = self.reader.try_lock().map(|r| r.stream().shutdown());
+        self.cond.notify_all();
+    }
+
+    /// Takes a finished slot, if finished.
+    fn take_ready(st: &mut State, id: u64) -> Option<Result<OwnedFrame, ClientError>> {
+        if let Some(Slot::Ready(_)) = st.slots.get(&id) {
+            if let Some(Slot::Ready(r)) = st.slots.remove(&id) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// Blocks until the reply to `id` arrives or its deadline passes.
+    pub(crate) fn wait(&self, id: u64) -> Result<OwnedFrame, ClientError> {
+        let mut st = self.state.lock();
+        loop {
+            if let Some(r) = Self::take_ready(&mut st, id) {
+                return r;
+            }
+            let deadline = match st.slots.get(&id) {
+                Some(Slot::Pending { deadline, .. }) => *deadline,
+                _ => {
+                    return Err(ClientError::Protocol {
+                        addr: self.addr.clone(),
+                        detail: format!("request {id} is not pending"),
+                    })
+                }
+            };
+            if Instant::now() >= deadline {
+                self.expire(&mut st, id);
+                continue;
+            }
+            if !st.reading {
+                st.reading = true;
+                drop(st);
+                self.lead(Some(id));
+                st = self.state.lock();
+                st.reading = false;
+                self.cond.notify_all();
+            } else {
+                self.cond.wait_until(&mut st, deadline);
+            }
+        }
+    }
+
+    fn expire(&self, st: &mut State, id: u64) {
+        if let Some(Slot::Pending { waker, .. }) = st.slots.get_mut(&id) {
+            if let Some(w) = waker.take() {
+                w.wake();
+                st.async_waiters = st.async_waiters.saturating_sub(1);
+            }
+            st.slots.insert(
+                id,
+                Slot::Ready(Err(ClientError::Timeout {
+                    addr: self.addr.clone(),
+                    timeout: self.timeout,
+                })),
+            );
+        }
+    }
+
+    /// Reads and delivers frames as the reader. With `Some(id)`, returns once
+    /// that reply is delivered; with `None` (the driver), returns once no
+    /// future waits. Also returns on connection failure.
+    fn lead(&self, own: Option<u64>) {
+        let mut r = self.reader.lock();
+        loop {
+            // Deliver everything buffered.
+            let mut delivered_own = false;
+            loop {
+                let frame = match r.try_frame() {
+                    Ok(Some(f)) => OwnedFrame {
+                        id: f.id,
+                        kind: f.kind,
+                        payload: f.payload.to_vec(),
+                    },
+                    Ok(None) => break,
+                    Err(source) => {
+                        drop(r);
+                        self.fail_all(ClientError::net(&self.addr, source));
+                        return;
+                    }
+                };
+                r.consume();
+                if Some(frame.id) == own {
+                    delivered_own = true;
+                }
+                self.deliver(frame);
+            }
+            {
+                let mut st = self.state.lock();
+                if st.dead.is_some() {
+                    return;
+                }
+                match own {
+                    Some(id) => {
+                        if delivered_own || !matches!(st.slots.get(&id), Some(Slot::Pending { .. })) {
+                            return;
+                        }
+                    }
+                    None => {
+                        self.expire_due(&mut st);
+                        if st.async_waiters == 0 {
+                            return;
+                        }
+                    }
+                }
+                if let (Some(id), Some(Slot::Pending { deadline, .. })) = (own, own.and_then(|i| st.slots.get(&i))) {
+                    if Instant::now() >= *deadline {
+                        self.expire(&mut st, id);
+                        return;
+                    }
+                }
+            }
+            if let Err(source) = r.fill() {
+                drop(r);
+                self.fail_all(ClientError::net(&self.addr, source));
+                return;
+            }
+        }
+    }
+
+    fn expire_due(&self, st: &mut State) {
+        let now = Instant::now();
+        let due: Vec<u64> = st
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Pending { deadline, .. } if *deadline <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            self.expire(st, id);
+        }
+    }
+
+    fn deliver(&self, f: OwnedFrame) {
+        let mut st = self.state.lock();
+        let id = f.id;
+        let mut was_async = false;
+        match st.slots.get_mut(&id) {
+            Some(slot @ Slot::Pending { .. }) => {
+                if let Slot::Pending { waker: Some(w), .. } = std::mem::replace(slot, Slot::Ready(Ok(f))) {
+                    was_async = true;
+                    w.wake();
+                }
+            }
+            // A late reply to a request that timed out or was abandoned.
+            _ => return,
+        }
+        if was_async {
+            st.async_waiters = st.async_waiters.saturating_sub(1);
+        }
+        drop(st);
+        self.cond.notify_all();
+    }
+
+    /// Polls the reply to `id` from a future.
+    pub(crate) fn poll(self: &Arc<Self>, id: u64, cx: &mut Context<'_>) -> Poll<Result<OwnedFrame, ClientError>> {
+        let mut st = self.state.lock();
+        if let Some(r) = Self::take_ready(&mut st, id) {
+            return Poll::Ready(r);
+        }
+        match st.slots.get_mut(&id) {
+            Some(Slot::Pending { waker, .. }) => {
+                if waker.is_none() {
+                    *waker = Some(cx.waker().clone());
+                    st.async_waiters += 1;
+                } else if let Some(w) = waker.as_mut() {
+                    w.clone_from(cx.waker());
+                }
+            }
+            _ => {
+                return Poll::Ready(Err(ClientError::Protocol {
+                    addr: self.addr.clone(),
+                    detail: format!("request {id} is not pending"),
+                }))
+            }
+        }
+        drop(st);
+        self.ensure_driver();
+        self.cond.notify_all();
+        Poll::Pending
+    }
+
+    /// Forgets a request whose result is no longer wanted.
+    pub(crate) fn abandon(&self, id: u64) {
+        let mut st = self.state.lock();
+        if let Some(Slot::Pending { waker: Some(_), .. }) = st.slots.remove(&id) {
+            st.async_waiters = st.async_waiters.saturating_sub(1);
+        }
+    }
+
+    fn ensure_driver(self: &Arc<Self>) {
+        if self.driver_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("remora-client-driver".into())
+            .spawn(move || driver(weak));
+        if spawned.is_err() {
+            self.driver_started.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Reads on behalf of pending futures; exits when the connection is dropped or dead.
+fn driver(weak: Weak<Conn>) {
+    loop {
+        let Some(c) = weak.upgrade() else { return };
+        {
+            let mut st = c.state.lock();
+            if st.dead.is_some() {
+                return;
+            }
+            if st.async_waiters == 0 || st.reading {
+                // Wait for work; time out so a dropped connection ends the thread.
+                c.cond.wait_for(&mut st, Duration::from_millis(100));
+                continue;
+            }
+            st.reading = true;
+        }
+        c.lead(None);
+        let mut st = c.state.lock();
+        st.reading = false;
+        drop(st);
+        c.cond.notify_all();
+    }
+}

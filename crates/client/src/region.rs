@@ -1,0 +1,813 @@
+//! Regions: far byte ranges, and the operations on them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use remora_net::OwnedFrame;
+use remora_proto::ctl::RegionMap;
+use remora_proto::data::{self, BatchBuilder, Reply, Request, SubOp, SubResult, Target};
+use remora_proto::ErrorCode;
+
+use crate::conn::Conn;
+use crate::{ClientError, FarBarrier, FarMutex, Inner, Result};
+
+/// A far memory region `[0, size)` of one tenant.
+///
+/// Cheap to share between threads (`&Region` is enough for every operation).
+#[derive(Debug)]
+pub struct Region {
+    inner: Arc<Inner>,
+    id: u64,
+    map: RwLock<Arc<RegionMap>>,
+}
+
+/// One request in flight: the connection, the request id, and where its
+/// bytes go in the caller's buffer.
+#[derive(Debug)]
+struct Part {
+    conn: Arc<Conn>,
+    id: u64,
+    buf_off: usize,
+    len: usize,
+}
+
+/// A failed attempt, and whether the request may have reached the server.
+struct Attempt {
+    err: ClientError,
+    sent: bool,
+}
+
+impl From<ClientError> for Attempt {
+    fn from(err: ClientError) -> Self {
+        Attempt { err, sent: true }
+    }
+}
+
+fn unsent(err: ClientError) -> Attempt {
+    Attempt { err, sent: false }
+}
+
+impl Region {
+    pub(crate) fn new(inner: Arc<Inner>, map: RegionMap) -> Self {
+        Region {
+            inner,
+            id: map.id,
+            map: RwLock::new(Arc::new(map)),
+        }
+    }
+
+    /// Region id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Region name, if named.
+    pub fn name(&self) -> Option<String> {
+        self.map.read().name.clone()
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.map.read().size
+    }
+
+    /// Bytes per slab.
+    pub fn slab_size(&self) -> u64 {
+        self.map.read().slab_size
+    }
+
+    /// The cached map's version.
+    pub fn version(&self) -> u64 {
+        self.map.read().version
+    }
+
+    /// The cached region→slab map.
+    pub fn map(&self) -> Arc<RegionMap> {
+        self.map.read().clone()
+    }
+
+    /// Fetches the current map from the controller.
+    pub fn refresh(&self) -> Result<()> {
+        let m = self.inner.get_map(self.id)?;
+        *self.map.write() = Arc::new(m);
+        Ok(())
+    }
+
+    fn check_range(&self, map: &RegionMap, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= map.size => Ok(()),
+            _ => Err(ClientError::OutOfRange {
+                region: self.id,
+                offset,
+                len,
+                size: map.size,
+            }),
+        }
+    }
+
+    /// Splits `[offset, offset+len)` at slab boundaries and at `max_io`.
+    fn pieces(&self, map: &RegionMap, offset: u64, len: u64, mut f: impl FnMut(usize, u64, usize, usize) -> Result<(), Attempt>) -> Result<(), Attempt> {
+        self.check_range(map, offset, len).map_err(unsent)?;
+        let ss = map.slab_size;
+        let max_io = self.inner.opts.max_io.max(1) as u64;
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let slab = (pos / ss) as usize;
+            let in_slab = pos % ss;
+            let n = (ss - in_slab).min(len - done).min(max_io);
+            f(slab, in_slab, n as usize, done as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn target(map: &RegionMap, slab: usize, offset: u64) -> (Target, &str) {
+        let loc = &map.slabs[slab];
+        (
+            Target {
+                slab: loc.slab,
+                key: loc.key,
+                offset,
+            },
+            &loc.addr,
+        )
+    }
+
+    /// Runs `op` against the current map, refreshing the map or reconnecting
+    /// and trying again when that can help. Requests that may have reached
+    /// the server are retried only if `idempotent`.
+    fn retrying<T>(&self, idempotent: bool, mut op: impl FnMut(&RegionMap) -> Result<T, Attempt>) -> Result<T> {
+        let mut attempt = 0;
+        loop {
+            let map = self.map.read().clone();
+            let Attempt { err, sent } = match op(&map) {
+                Ok(v) => return Ok(v),
+                Err(a) => a,
+            };
+            attempt += 1;
+            if attempt > self.inner.opts.retries || (sent && !idempotent) {
+                return Err(err);
+            }
+            match err.code() {
+                Some(ErrorCode::UnknownSlab | ErrorCode::BadCapability) => {
+                    self.refresh()?;
+                    if self.version() == map.version {
+                        // The controller has nothing newer: the slab is gone.
+                        return Err(err);
+                    }
+                }
+                Some(ErrorCode::ServerUnavailable | ErrorCode::NotReady) => {
+                    for loc in &map.slabs {
+                        self.inner.forget_conn(&loc.addr);
+                    }
+                    std::thread::sleep(Duration::from_millis(20 * attempt as u64));
+                    // The region may have moved while the server was away.
+                    let _ = self.refresh();
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    fn submit(&self, addr: &str, req: &Request<'_>) -> Result<(Arc<Conn>, u64), Attempt> {
+        let conn = self.inner.conn(addr).map_err(unsent)?;
+        let id = conn
+            .submit(|b, id| data::encode_request(b, id, req))
+            .map_err(unsent)?;
+        Ok((conn, id))
+    }
+
+    fn start_read(&self, map: &RegionMap, offset: u64, len: usize) -> Result<Vec<Part>, Attempt> {
+        let mut parts = Vec::new();
+        self.pieces(map, offset, len as u64, |slab, off, n, buf_off| {
+            let (at, addr) = Self::target(map, slab, off);
+            let (conn, id) = self.submit(addr, &Request::Read { at, len: n as u32 })?;
+            parts.push(Part { conn, id, buf_off, len: n });
+            Ok(())
+        })
+        .inspect_err(|_| abandon(&parts))?;
+        Ok(parts)
+    }
+
+    fn start_write(&self, map: &RegionMap, offset: u64, bytes: &[u8]) -> Result<Vec<Part>, Attempt> {
+        let mut parts = Vec::new();
+        self.pieces(map, offset, bytes.len() as u64, |slab, off, n, buf_off| {
+            let (at, addr) = Self::target(map, slab, off);
+            let data = &bytes[buf_off..buf_off + n];
+            let (conn, id) = self.submit(addr, &Request::Write { at, data })?;
+            parts.push(Part { conn, id, buf_off, len: n });
+            Ok(())
+        })
+        .inspect_err(|_| abandon(&parts))?;
+        Ok(parts)
+    }
+
+    fn start_atomic(&self, map: &RegionMap, offset: u64, make: impl FnOnce(Target) -> Request<'static>) -> Result<Vec<Part>, Attempt> {
+        self.check_range(map, offset, 8).map_err(unsent)?;
+        if offset % 8 != 0 {
+            return Err(unsent(ClientError::Unaligned {
+                region: self.id,
+                offset,
+            }));
+        }
+        let slab = (offset / map.slab_size) as usize;
+        let (at, addr) = Self::target(map, slab, offset % map.slab_size);
+        let (conn, id) = self.submit(addr, &make(at))?;
+        Ok(vec![Part {
+            conn,
+            id,
+            buf_off: 0,
+            len: 8,
+        }])
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.retrying(true, |map| {
+            let parts = self.start_read(map, offset, buf.len())?;
+            wait_all(parts, |p, r| fill(p, r, buf))
+        })
+    }
+
+    /// Writes `data` at `offset`.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.retrying(true, |map| {
+            let parts = self.start_write(map, offset, data)?;
+            wait_all(parts, expect_done)
+        })
+    }
+
+    /// Atomically sets the 8-byte word at `offset` to `new` if it equals
+    /// `expected`; returns the previous value (equal to `expected` on success).
+    pub fn compare_and_swap(&self, offset: u64, expected: u64, new: u64) -> Result<u64> {
+        self.retrying(false, |map| {
+            let parts = self.start_atomic(map, offset, |at| Request::Cas { at, expected, new })?;
+            let mut v = 0;
+            wait_all(parts, |p, r| value(p, r, &mut v))?;
+            Ok(v)
+        })
+    }
+
+    /// Atomically adds `delta` (wrapping) to the 8-byte word at `offset`; returns the previous value.
+    pub fn fetch_add(&self, offset: u64, delta: u64) -> Result<u64> {
+        self.retrying(false, |map| {
+            let parts = self.start_atomic(map, offset, |at| Request::Faa { at, delta })?;
+            let mut v = 0;
+            wait_all(parts, |p, r| value(p, r, &mut v))?;
+            Ok(v)
+        })
+    }
+
+    /// Starts a read of `len` bytes at `offset`; the future yields the bytes.
+    ///
+    /// The requests are sent before this returns, so several futures overlap
+    /// even before they are polled. Async forms are not retried: on error,
+    /// the caller decides (the sync forms retry). Dropping the future
+    /// abandons the result (the request may still be executed).
+    pub fn read_async(&self, offset: u64, len: usize) -> ReadFuture {
+        let map = self.map.read().clone();
+        match self.start_read(&map, offset, len) {
+            Ok(parts) => ReadFuture::new(parts, vec![0; len], None),
+            Err(a) => ReadFuture::new(Vec::new(), Vec::new(), Some(a.err)),
+        }
+    }
+
+    /// Starts a write of `data` at `offset` (the data is sent before this returns).
+    pub fn write_async(&self, offset: u64, data: &[u8]) -> OpFuture<()> {
+        let map = self.map.read().clone();
+        OpFuture::new(self.start_write(&map, offset, data), |_| ())
+    }
+
+    /// Starts a compare-and-swap; the future yields the previous value.
+    pub fn compare_and_swap_async(&self, offset: u64, expected: u64, new: u64) -> OpFuture<u64> {
+        let map = self.map.read().clone();
+        OpFuture::new(self.start_atomic(&map, offset, |at| Request::Cas { at, expected, new }), |v| v)
+    }
+
+    /// Starts a fetch-and-add; the future yields the previous value.
+    pub fn fetch_add_async(&self, offset: u64, delta: u64) -> OpFuture<u64> {
+        let map = self.map.read().clone();
+        OpFuture::new(self.start_atomic(&map, offset, |at| Request::Faa { at, delta }), |v| v)
+    }
+
+    /// Reads several ranges, one batch frame per server.
+    pub fn read_vectored(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        let mut b = self.batch();
+        for (off, buf) in reqs.iter() {
+            b.read(*off, buf.len());
+        }
+        let results = b.execute()?;
+        for ((_, buf), r) in reqs.iter_mut().zip(results) {
+            if let BatchResult::Data(d) = r {
+                buf.copy_from_slice(&d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes several ranges, one batch frame per server.
+    pub fn write_vectored(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        let mut b = self.batch();
+        for (off, data) in reqs {
+            b.write(*off, data);
+        }
+        b.execute().map(|_| ())
+    }
+
+    /// A batch of operations sent as one frame per server.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            region: self,
+            ops: Vec::new(),
+        }
+    }
+
+    /// A distributed mutex on the 8-byte word at `offset` (which must start at 0).
+    pub fn mutex(&self, offset: u64) -> FarMutex<'_> {
+        FarMutex::new(self, offset)
+    }
+
+    /// A barrier for `parties` participants on the two 8-byte words at `offset`
+    /// (which must start at 0).
+    pub fn barrier(&self, offset: u64, parties: u64) -> FarBarrier<'_> {
+        FarBarrier::new(self, offset, parties)
+    }
+}
+
+fn abandon(parts: &[Part]) {
+    for p in parts {
+        p.conn.abandon(p.id);
+    }
+}
+
+/// Turns a reply frame into `Ok(reply)` or the server's error.
+fn check(conn: &Conn, f: &OwnedFrame) -> Result<()> {
+    if f.kind == data::reply::ERROR {
+        return Err(match data::decode_reply(f.kind, &f.payload) {
+            Ok(Reply::Error { code, message }) => ClientError::Remote {
+                addr: conn.addr().to_string(),
+                code,
+                message: message.to_string(),
+            },
+            _ => protocol(conn, "undecodable error reply"),
+        });
+    }
+    Ok(())
+}
+
+fn protocol(conn: &Conn, detail: &str) -> ClientError {
+    ClientError::Protocol {
+        addr: conn.addr().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+fn fill(p: &Part, f: OwnedFrame, buf: &mut [u8]) -> Result<()> {
+    check(&p.conn, &f)?;
+    match data::decode_reply(f.kind, &f.payload) {
+        Ok(Reply::Data(d)) if d.len() == p.len => {
+            buf[p.buf_off..p.buf_off + p.len].copy_from_slice(d);
+            Ok(())
+        }
+        _ => Err(protocol(&p.conn, "expected data of the requested length")),
+    }
+}
+
+fn expect_done(p: &Part, f: OwnedFrame) -> Result<()> {
+    check(&p.conn, &f)?;
+    match data::decode_reply(f.kind, &f.payload) {
+        Ok(Reply::Done) => Ok(()),
+        _ => Err(protocol(&p.conn, "expected done")),
+    }
+}
+
+fn value(p: &Part, f: OwnedFrame, out: &mut u64) -> Result<()> {
+    check(&p.conn, &f)?;
+    match data::decode_reply(f.kind, &f.payload) {
+        Ok(Reply::Value(v)) => {
+            *out = v;
+            Ok(())
+        }
+        Ok(Reply::Done) => Ok(()),
+        _ => Err(protocol(&p.conn, "expected a value")),
+    }
+}
+
+/// Waits for every part, handing each reply to `each`; returns the first error.
+fn wait_all(parts: Vec<Part>, mut each: impl FnMut(&Part, OwnedFrame) -> Result<()>) -> Result<(), Attempt> {
+    let mut first: Option<ClientError> = None;
+    for p in &parts {
+        if first.is_some() {
+            p.conn.abandon(p.id);
+            continue;
+        }
+        let r = p.conn.wait(p.id).and_then(|f| each(p, f));
+        if let Err(e) = r {
+            first = Some(e);
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(e) => Err(e.into()),
+    }
+}
+
+/// Future of [`Region::read_async`].
+#[derive(Debug)]
+#[must_use = "futures do nothing unless polled or waited"]
+pub struct ReadFuture {
+    parts: Vec<Part>,
+    done: Vec<bool>,
+    buf: Vec<u8>,
+    err: Option<ClientError>,
+}
+
+impl ReadFuture {
+    fn new(parts: Vec<Part>, buf: Vec<u8>, err: Option<ClientError>) -> Self {
+        ReadFuture {
+            done: vec![false; parts.len()],
+            parts,
+            buf,
+            err,
+        }
+    }
+
+    /// Blocks the calling thread until the read completes.
+    pub fn wait(mut self) -> Result<Vec<u8>> {
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        let parts = std::mem::take(&mut self.parts);
+        let mut buf = std::mem::take(&mut self.buf);
+        wait_all(parts, |p, f| fill(p, f, &mut buf)).map_err(|a| a.err)?;
+        Ok(buf)
+    }
+}
+
+impl Future for ReadFuture {
+    type Output = Result<Vec<u8>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut pending = false;
+        for i in 0..this.parts.len() {
+            if this.done[i] || this.err.is_some() {
+                continue;
+            }
+            let p = &this.parts[i];
+            match p.conn.poll(p.id, cx) {
+                Poll::Ready(r) => {
+                    this.done[i] = true;
+                    if let Err(e) = r.and_then(|f| fill(p, f, &mut this.buf)) {
+                        this.err = Some(e);
+                    }
+                }
+                Poll::Pending => pending = true,
+            }
+        }
+        if let Some(e) = this.err.take() {
+            for (i, p) in this.parts.iter().enumerate() {
+                if !this.done[i] {
+                    p.conn.abandon(p.id);
+                    this.done[i] = true;
+                }
+            }
+            return Poll::Ready(Err(e));
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(std::mem::take(&mut this.buf)))
+        }
+    }
+}
+
+impl Drop for ReadFuture {
+    fn drop(&mut self) {
+        for (i, p) in self.parts.iter().enumerate() {
+            if !self.done[i] {
+                p.conn.abandon(p.id);
+            }
+        }
+    }
+}
+
+/// Future of a write or an atomic; yields `()` or the previous value.
+#[derive(Debug)]
+#[must_use = "futures do nothing unless polled or waited"]
+pub struct OpFuture<T> {
+    parts: Vec<Part>,
+    done: Vec<bool>,
+    value: u64,
+    err: Option<ClientError>,
+    map: fn(u64) -> T,
+    _t: PhantomData<T>,
+}
+
+impl<T> OpFuture<T> {
+    fn new(r: Result<Vec<Part>, Attempt>, map: fn(u64) -> T) -> Self {
+        let (parts, err) = match r {
+            Ok(p) => (p, None),
+            Err(a) => (Vec::new(), Some(a.err)),
+        };
+        OpFuture {
+            done: vec![false; parts.len()],
+            parts,
+            value: 0,
+            err,
+            map,
+            _t: PhantomData,
+        }
+    }
+
+    /// Blocks the calling thread until the operation completes.
+    pub fn wait(mut self) -> Result<T> {
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        let parts = std::mem::take(&mut self.parts);
+        let mut v = 0;
+        wait_all(parts, |p, f| value(p, f, &mut v)).map_err(|a| a.err)?;
+        Ok((self.map)(v))
+    }
+}
+
+impl<T> Unpin for OpFuture<T> {}
+
+impl<T> Future for OpFuture<T> {
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut pending = false;
+        for i in 0..this.parts.len() {
+            if this.done[i] || this.err.is_some() {
+                continue;
+            }
+            let p = &this.parts[i];
+            match p.conn.poll(p.id, cx) {
+                Poll::Ready(r) => {
+                    this.done[i] = true;
+                    if let Err(e) = r.and_then(|f| value(p, f, &mut this.value)) {
+                        this.err = Some(e);
+                    }
+                }
+                Poll::Pending => pending = true,
+            }
+        }
+        if let Some(e) = this.err.take() {
+            for (i, p) in this.parts.iter().enumerate() {
+                if !this.done[i] {
+                    p.conn.abandon(p.id);
+                    this.done[i] = true;
+                }
+            }
+            return Poll::Ready(Err(e));
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok((this.map)(this.value)))
+        }
+    }
+}
+
+impl<T> Drop for OpFuture<T> {
+    fn drop(&mut self) {
+        for (i, p) in self.parts.iter().enumerate() {
+            if !self.done[i] {
+                p.conn.abandon(p.id);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum BatchOp {
+    Read { off: u64, len: usize },
+    Write { off: u64, data: Vec<u8> },
+    Cas { off: u64, expected: u64, new: u64 },
+    Faa { off: u64, delta: u64 },
+}
+
+/// Result of one operation of a [`Batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchResult {
+    /// Bytes read.
+    Data(Vec<u8>),
+    /// Write done.
+    Done,
+    /// Previous value of an atomic.
+    Value(u64),
+}
+
+/// A batch of region operations, sent as one frame per server (split where
+/// frames would grow past the client's `max_io`).
+///
+/// Operations on different servers run in parallel; operations in one frame
+/// run in order. A batch that holds no atomic is retried like a read or
+/// write; one with atomics is not retried once sent.
+#[derive(Debug)]
+pub struct Batch<'r> {
+    region: &'r Region,
+    ops: Vec<BatchOp>,
+}
+
+/// Where one sub-operation's result goes: (operation index, byte offset in it).
+type Dest = (usize, usize);
+
+impl Batch<'_> {
+    /// Adds a read of `len` bytes at `off`.
+    pub fn read(&mut self, off: u64, len: usize) -> &mut Self {
+        self.ops.push(BatchOp::Read { off, len });
+        self
+    }
+
+    /// Adds a write.
+    pub fn write(&mut self, off: u64, data: &[u8]) -> &mut Self {
+        self.ops.push(BatchOp::Write {
+            off,
+            data: data.to_vec(),
+        });
+        self
+    }
+
+    /// Adds a compare-and-swap.
+    pub fn compare_and_swap(&mut self, off: u64, expected: u64, new: u64) -> &mut Self {
+        self.ops.push(BatchOp::Cas { off, expected, new });
+        self
+    }
+
+    /// Adds a fetch-and-add.
+    pub fn fetch_add(&mut self, off: u64, delta: u64) -> &mut Self {
+        self.ops.push(BatchOp::Faa { off, delta });
+        self
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Sends the batch and returns one result per operation, in order.
+    pub fn execute(&self) -> Result<Vec<BatchResult>> {
+        let idempotent = self
+            .ops
+            .iter()
+            .all(|o| matches!(o, BatchOp::Read { .. } | BatchOp::Write { .. }));
+        self.region.retrying(idempotent, |map| self.run(map))
+    }
+
+    fn run<'m>(&self, map: &'m RegionMap) -> Result<Vec<BatchResult>, Attempt> {
+        let r = self.region;
+        let max = r.inner.opts.max_io.max(64);
+        // Per server: frames under construction with their destinations.
+        let mut frames: HashMap<&str, Vec<(BatchBuilder, Vec<Dest>, usize)>> = HashMap::new();
+        let mut results: Vec<BatchResult> = Vec::with_capacity(self.ops.len());
+        let mut push = |addr: &'m str, sub: SubOp<'_>, dest: Dest, reply_len: usize| {
+            let list = frames.entry(addr).or_default();
+            let need_new = match list.last() {
+                None => true,
+                Some((b, _, reply)) => {
+                    b.frame_len() + 64 + sub_len(&sub) > max
+                        || reply + reply_len > max
+                        || b.len() >= data::MAX_BATCH_OPS
+                }
+            };
+            if need_new {
+                list.push((BatchBuilder::new(), Vec::new(), 0));
+            }
+            if let Some((b, d, reply)) = list.last_mut() {
+                b.push(&sub);
+                d.push(dest);
+                *reply += reply_len;
+            }
+        };
+        for (i, op) in self.ops.iter().enumerate() {
+            match op {
+                BatchOp::Read { off, len } => {
+                    results.push(BatchResult::Data(vec![0; *len]));
+                    r.pieces(map, *off, *len as u64, |slab, so, n, buf_off| {
+                        let (at, addr) = Region::target(map, slab, so);
+                        push(addr, SubOp::Read { at, len: n as u32 }, (i, buf_off), n + 8);
+                        Ok(())
+                    })?;
+                }
+                BatchOp::Write { off, data } => {
+                    results.push(BatchResult::Done);
+                    r.pieces(map, *off, data.len() as u64, |slab, so, n, buf_off| {
+                        let (at, addr) = Region::target(map, slab, so);
+                        push(
+                            addr,
+                            SubOp::Write {
+                                at,
+                                data: &data[buf_off..buf_off + n],
+                            },
+                            (i, buf_off),
+                            4,
+                        );
+                        Ok(())
+                    })?;
+                }
+                BatchOp::Cas { off, .. } | BatchOp::Faa { off, .. } => {
+                    results.push(BatchResult::Value(0));
+                    r.check_range(map, *off, 8).map_err(unsent)?;
+                    if off % 8 != 0 {
+                        return Err(unsent(ClientError::Unaligned { region: r.id, offset: *off }));
+                    }
+                    let slab = (*off / map.slab_size) as usize;
+                    let (at, addr) = Region::target(map, slab, off % map.slab_size);
+                    let sub = match op {
+                        BatchOp::Cas { expected, new, .. } => SubOp::Cas {
+                            at,
+                            expected: *expected,
+                            new: *new,
+                        },
+                        BatchOp::Faa { delta, .. } => SubOp::Faa { at, delta: *delta },
+                        _ => unreachable!("only atomics reach this arm"),
+                    };
+                    push(addr, sub, (i, 0), 12);
+                }
+            }
+        }
+        // Send everything, then collect.
+        let mut inflight: Vec<(Arc<Conn>, u64, Vec<Dest>)> = Vec::new();
+        for (addr, list) in frames {
+            for (b, dests, _) in list {
+                match r.submit(addr, &b.as_request()) {
+                    Ok((conn, id)) => inflight.push((conn, id, dests)),
+                    Err(a) => {
+                        for (c, id, _) in &inflight {
+                            c.abandon(*id);
+                        }
+                        // Earlier frames may have been applied.
+                        return Err(Attempt {
+                            err: a.err,
+                            sent: !inflight.is_empty(),
+                        });
+                    }
+                }
+            }
+        }
+        let mut first: Option<ClientError> = None;
+        for (conn, id, dests) in inflight {
+            if first.is_some() {
+                conn.abandon(id);
+                continue;
+            }
+            let res = conn.wait(id).and_then(|f| {
+                check(&conn, &f)?;
+                let Ok(Reply::Batch(br)) = data::decode_reply(f.kind, &f.payload) else {
+                    return Err(protocol(&conn, "expected a batch reply"));
+                };
+                if br.len() as usize != dests.len() {
+                    return Err(protocol(&conn, "batch reply has the wrong number of results"));
+                }
+                for (sub, (op, at)) in br.iter().zip(dests) {
+                    match (sub, &mut results[op]) {
+                        (Ok(SubResult::Data(d)), BatchResult::Data(buf)) if at + d.len() <= buf.len() => {
+                            buf[at..at + d.len()].copy_from_slice(d)
+                        }
+                        (Ok(SubResult::Done), BatchResult::Done) => {}
+                        (Ok(SubResult::Value(v)), BatchResult::Value(slot)) => *slot = v,
+                        (Ok(SubResult::Error(code)), _) => {
+                            return Err(ClientError::Remote {
+                                addr: conn.addr().to_string(),
+                                code,
+                                message: format!("batch operation {op}: {code}"),
+                            })
+                        }
+                        _ => return Err(protocol(&conn, "batch result does not match its operation")),
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = res {
+                first = Some(e);
+            }
+        }
+        match first {
+            None => Ok(results),
+            Some(e) => Err(e.into()),
+        }
+    }
+}
+
+fn sub_len(s: &SubOp<'_>) -> usize {
+    match s {
+        SubOp::Write { data, .. } => 30 + data.len(),
+        _ => 42,
+    }
+}
