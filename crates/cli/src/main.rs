@@ -1,1 +1,457 @@
-fn main() {}
+//! `remora`: one binary for every role.
+//!
+//! `up` (embedded cluster), `server`, `controller`, `status`, `region`
+//! (the administrator's tool for far memory) and `bench`.
+
+mod embedded;
+mod region_cmd;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use remora_client::{ClientOptions, Cluster};
+use remora_proto::size::{parse_size, Bytes};
+
+use embedded::{ClusterInfo, Embedded, EmbeddedConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "remora",
+    version,
+    about = "Remora: far memory pooled across memory servers",
+    long_about = "Remora pools DRAM of memory servers into far memory that applications use \
+                  through regions (one-sided reads, writes and atomics).\n\n\
+                  Start a cluster on this machine with `remora up`, then use `remora status` \
+                  and `remora region ...` from another terminal."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Exit when the process with this pid is no longer our parent (used by `remora up`).
+    #[arg(long, global = true, hide = true)]
+    exit_with_parent: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start an embedded cluster (controller + N memory servers) on loopback.
+    Up(UpArgs),
+    /// Run a memory server.
+    Server(ServerArgs),
+    /// Run the controller.
+    Controller(ControllerArgs),
+    /// Show servers, tenants and regions.
+    Status(ClientArgs),
+    /// Manage and access regions.
+    #[command(subcommand)]
+    Region(region_cmd::RegionCmd),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    remora_net::parse_duration(s)
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// Number of memory servers.
+    #[arg(long, default_value_t = 3)]
+    servers: usize,
+    /// Capacity of each memory server (e.g. 512MiB, 4GiB).
+    #[arg(long, default_value = "1GiB", value_parser = size_arg)]
+    capacity_per_server: u64,
+    /// Controller listen address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    controller_listen: String,
+    /// Slab size.
+    #[arg(long, default_value = "1MiB", value_parser = size_arg)]
+    slab_size: u64,
+    /// Placement policy: p2c or least-loaded.
+    #[arg(long, default_value = "p2c")]
+    placement: String,
+    /// Keep controller metadata here (default: a temporary directory removed on exit).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Delay added by the servers to every received message (e.g. 5us).
+    #[arg(long, value_parser = duration_arg)]
+    inject_latency: Option<Duration>,
+}
+
+#[derive(Args, Debug)]
+struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    listen: String,
+    /// Address to advertise to the controller and clients (default: the bound address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Controller address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    controller: String,
+    /// Memory to serve (e.g. 4GiB).
+    #[arg(long, default_value = "1GiB", value_parser = size_arg)]
+    capacity: u64,
+    /// Delay added to every received message (e.g. 5us).
+    #[arg(long, value_parser = duration_arg)]
+    inject_latency: Option<Duration>,
+    /// Largest frame accepted.
+    #[arg(long, default_value = "16MiB", value_parser = size_arg)]
+    max_frame: u64,
+}
+
+#[derive(Args, Debug)]
+struct ControllerArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: Option<String>,
+    /// TOML config file (settings and tenants).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of the metadata store (default: in memory, nothing persists).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Cluster slab size.
+    #[arg(long, value_parser = size_arg)]
+    slab_size: Option<u64>,
+    /// Placement policy: p2c or least-loaded.
+    #[arg(long)]
+    placement: Option<String>,
+    /// Declare a server dead after this long without heartbeats (e.g. 2s).
+    #[arg(long, value_parser = duration_arg)]
+    dead_after: Option<Duration>,
+    /// How often servers heartbeat (e.g. 200ms).
+    #[arg(long, value_parser = duration_arg)]
+    heartbeat_interval: Option<Duration>,
+    /// Add an unlimited admin tenant "default" with this token.
+    #[arg(long, env = "REMORA_TOKEN")]
+    token: Option<String>,
+}
+
+/// How client commands find the cluster.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Controller address (default: the cluster `remora up` started).
+    #[arg(long, env = "REMORA_CONTROLLER")]
+    controller: Option<String>,
+    /// Tenant token (default: the cluster `remora up` started).
+    #[arg(long, env = "REMORA_TOKEN")]
+    token: Option<String>,
+    /// Delay added to every received reply (e.g. 5us).
+    #[arg(long, value_parser = duration_arg)]
+    inject_latency: Option<Duration>,
+}
+
+impl ClientArgs {
+    fn info(&self) -> Result<ClusterInfo> {
+        match (&self.controller, &self.token) {
+            (Some(c), Some(t)) => Ok(ClusterInfo {
+                controller: c.clone(),
+                token: t.clone(),
+            }),
+            (c, t) => {
+                let mut f = embedded::read_cluster_file(&embedded::cluster_file())?;
+                if let Some(c) = c {
+                    f.controller = c.clone();
+                }
+                if let Some(t) = t {
+                    f.token = t.clone();
+                }
+                Ok(f)
+            }
+        }
+    }
+
+    /// Connects to the cluster.
+    pub fn connect(&self) -> Result<Cluster> {
+        let info = self.info()?;
+        let opts = ClientOptions {
+            inject_latency: self.inject_latency.unwrap_or_default(),
+            ..ClientOptions::default()
+        };
+        Cluster::connect_with(&info.controller, &info.token, opts)
+            .with_context(|| format!("connecting to the controller at {}", info.controller))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Region read/write latency and throughput against raw loopback TCP, in one run.
+    Micro(MicroArgs),
+}
+
+#[derive(Args, Debug)]
+struct MicroArgs {
+    /// Operations per measurement.
+    #[arg(long, default_value_t = 20_000)]
+    ops: usize,
+    /// Requests in flight for the pipelined measurements.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// Delay injected on both sides of every transport (server and client, also for raw TCP).
+    #[arg(long, value_parser = duration_arg)]
+    inject_latency: Option<Duration>,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging();
+    if let Some(p) = cli.exit_with_parent {
+        embedded::exit_with_parent(p);
+    }
+    if let Err(e) = run(cli.cmd) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Up(a) => up(a),
+        Cmd::Server(a) => server(a),
+        Cmd::Controller(a) => controller(a),
+        Cmd::Status(a) => status(a),
+        Cmd::Region(c) => region_cmd::run(c),
+        Cmd::Bench(BenchCmd::Micro(a)) => micro(a),
+    }
+}
+
+fn announce(what: &str, addr: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "remora {what} listening on {addr}");
+    let _ = out.flush();
+}
+
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+fn server(a: ServerArgs) -> Result<()> {
+    let max_frame = u32::try_from(a.max_frame)
+        .ok()
+        .filter(|&m| m >= 64 << 10)
+        .context("--max-frame must be between 64KiB and 4GiB")?;
+    let h = remora_server::start(remora_server::ServerConfig {
+        listen: a.listen,
+        advertise: a.advertise,
+        controller: a.controller,
+        capacity: a.capacity,
+        inject_latency: a.inject_latency.unwrap_or_default(),
+        max_frame,
+    })?;
+    announce("server", h.addr());
+    park_forever()
+}
+
+fn controller(a: ControllerArgs) -> Result<()> {
+    let mut cfg = remora_controller::ControllerConfig::default();
+    if let Some(p) = &a.config {
+        cfg = cfg.load_file(p)?;
+    }
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.data_dir {
+        cfg.data_dir = Some(v);
+    }
+    if let Some(v) = a.slab_size {
+        cfg.slab_size = v;
+    }
+    if let Some(v) = a.placement {
+        cfg.placement = v.parse().map_err(anyhow::Error::msg)?;
+    }
+    if let Some(v) = a.dead_after {
+        cfg.dead_after = v;
+    }
+    if let Some(v) = a.heartbeat_interval {
+        cfg.heartbeat_interval = v;
+    }
+    if let Some(t) = a.token {
+        if !cfg.tenants.iter().any(|x| x.token == t) {
+            cfg.tenants.push(remora_controller::store::StoredTenant {
+                name: "default".into(),
+                token: t,
+                quota: None,
+                admin: true,
+            });
+        }
+    }
+    let h = remora_controller::start(cfg)?;
+    announce("controller", h.addr());
+    park_forever()
+}
+
+fn up(a: UpArgs) -> Result<()> {
+    if a.servers == 0 {
+        bail!("--servers must be at least 1");
+    }
+    let cfg = EmbeddedConfig {
+        servers: a.servers,
+        capacity_per_server: a.capacity_per_server,
+        controller_listen: a.controller_listen,
+        slab_size: a.slab_size,
+        data_dir: a.data_dir,
+        inject_latency: a.inject_latency.map(|d| format!("{}ns", d.as_nanos())),
+        placement: a.placement,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctrlc::set_handler(move || {
+        let _ = tx.send(());
+    })
+    .context("installing the Ctrl-C handler")?;
+    let mut cl = Embedded::start(&cfg)?;
+    let file = embedded::cluster_file();
+    embedded::write_cluster_file(&file, &cl.info)?;
+    println!(
+        "Remora cluster up: {} servers x {}",
+        cfg.servers,
+        Bytes(cfg.capacity_per_server)
+    );
+    println!("  controller  {}", cl.info.controller);
+    for s in &cl.servers {
+        println!("  server      {s}");
+    }
+    println!("  token       {}", cl.info.token);
+    println!(
+        "  cluster file {} (other remora commands use it)",
+        file.display()
+    );
+    println!("Try: remora status | remora region create demo --size 64MiB");
+    println!("Press Ctrl-C to stop.");
+    let reason = loop {
+        if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+            break None;
+        }
+        if let Some(r) = cl.exited() {
+            break Some(r);
+        }
+    };
+    cl.stop();
+    // Remove the cluster file only if it is still ours.
+    if embedded::read_cluster_file(&file).is_ok_and(|f| f == cl.info) {
+        let _ = std::fs::remove_file(&file);
+    }
+    match reason {
+        None => {
+            println!("Remora cluster stopped.");
+            Ok(())
+        }
+        Some(r) => bail!("cluster stopped: {r}"),
+    }
+}
+
+fn status(a: ClientArgs) -> Result<()> {
+    let c = a.connect()?;
+    let s = c.status()?;
+    println!(
+        "controller {}  tenant {}  slab size {}  placement {}",
+        c.controller(),
+        c.tenant(),
+        Bytes(s.slab_size),
+        s.placement
+    );
+    println!();
+    println!("SERVERS");
+    println!(
+        "{:<22} {:>10} {:>10} {:>10} {:>6}  {:<6}",
+        "ADDRESS", "CAPACITY", "USED", "FREE", "USE%", "STATE"
+    );
+    let (mut cap, mut used) = (0u64, 0u64);
+    for sv in &s.servers {
+        let u = sv.slabs_used * s.slab_size;
+        let t = sv.slabs_total * s.slab_size;
+        cap += t;
+        used += u;
+        println!(
+            "{:<22} {:>10} {:>10} {:>10} {:>5.1}%  {:<6}",
+            sv.addr,
+            Bytes(t).to_string(),
+            Bytes(u).to_string(),
+            Bytes(t.saturating_sub(u)).to_string(),
+            if t == 0 {
+                0.0
+            } else {
+                100.0 * u as f64 / t as f64
+            },
+            if sv.alive {
+                "alive".to_string()
+            } else {
+                format!("dead ({} s)", sv.last_seen_ms / 1000)
+            }
+        );
+    }
+    println!(
+        "{:<22} {:>10} {:>10} {:>10}",
+        "total",
+        Bytes(cap).to_string(),
+        Bytes(used).to_string(),
+        Bytes(cap.saturating_sub(used)).to_string()
+    );
+    println!();
+    println!("TENANTS");
+    println!(
+        "{:<16} {:>10} {:>10} {:>8}",
+        "NAME", "QUOTA", "USED", "REGIONS"
+    );
+    for t in &s.tenants {
+        println!(
+            "{:<16} {:>10} {:>10} {:>8}",
+            t.name,
+            t.quota
+                .map_or("unlimited".to_string(), |q| Bytes(q).to_string()),
+            Bytes(t.used).to_string(),
+            t.regions
+        );
+    }
+    println!();
+    region_cmd::print_regions(&s.regions);
+    Ok(())
+}
+
+fn micro(a: MicroArgs) -> Result<()> {
+    let cfg = EmbeddedConfig {
+        servers: 1,
+        capacity_per_server: 1 << 30,
+        controller_listen: "127.0.0.1:0".into(),
+        slab_size: 1 << 20,
+        data_dir: None,
+        inject_latency: a.inject_latency.map(|d| format!("{}ns", d.as_nanos())),
+        placement: "p2c".into(),
+    };
+    eprintln!("starting an embedded cluster (1 server) ...");
+    let cl = Embedded::start(&cfg)?;
+    let opts = ClientOptions {
+        inject_latency: a.inject_latency.unwrap_or_default(),
+        ..ClientOptions::default()
+    };
+    let cluster = Cluster::connect_with(&cl.info.controller, &cl.info.token, opts)?;
+    let report = remora_bench::micro::run(
+        &cluster,
+        &remora_bench::micro::MicroOptions {
+            ops: a.ops.max(100),
+            window: a.window.max(1),
+            inject_latency: a.inject_latency.unwrap_or_default(),
+        },
+    )?;
+    println!("{report}");
+    Ok(())
+}

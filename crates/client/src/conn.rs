@@ -36,7 +36,10 @@ use crate::ClientError;
 const READ_TICK: Duration = Duration::from_millis(20);
 
 enum Slot {
-    Pending { waker: Option<Waker>, deadline: Instant },
+    Pending {
+        waker: Option<Waker>,
+        deadline: Instant,
+    },
     Ready(Result<OwnedFrame, ClientError>),
 }
 
@@ -68,7 +71,9 @@ pub(crate) struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Conn")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -104,7 +109,9 @@ impl Conn {
         })?;
         let f = r.next_owned(Some(Instant::now() + timeout)).map_err(net)?;
         let max_frame = match data::decode_reply(f.kind, &f.payload) {
-            Ok(Reply::HelloOk { version, max_frame, .. }) if version == VERSION => max_frame,
+            Ok(Reply::HelloOk {
+                version, max_frame, ..
+            }) if version == VERSION => max_frame,
             Ok(Reply::Error { code, message }) => {
                 return Err(ClientError::Remote {
                     addr: addr.to_string(),
@@ -146,7 +153,10 @@ impl Conn {
     }
 
     /// Sends the frame `encode(buf, id)` appends; returns its request id.
-    pub(crate) fn submit(&self, encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<u64, ClientError> {
+    pub(crate) fn submit(
+        &self,
+        encode: impl FnOnce(&mut Vec<u8>, u64),
+    ) -> Result<u64, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.state.lock();
@@ -172,7 +182,10 @@ impl Conn {
                 return Err(ClientError::Remote {
                     addr: self.addr.clone(),
                     code: remora_proto::ErrorCode::FrameTooLarge,
-                    message: format!("request of {n} bytes exceeds the server's maximum frame of {}", self.max_frame),
+                    message: format!(
+                        "request of {n} bytes exceeds the server's maximum frame of {}",
+                        self.max_frame
+                    ),
                 });
             }
             w.stream.write_all(&w.buf)
@@ -307,7 +320,8 @@ impl Conn {
                 }
                 match own {
                     Some(id) => {
-                        if delivered_own || !matches!(st.slots.get(&id), Some(Slot::Pending { .. })) {
+                        if delivered_own || !matches!(st.slots.get(&id), Some(Slot::Pending { .. }))
+                        {
                             return;
                         }
                     }
@@ -318,7 +332,9 @@ impl Conn {
                         }
                     }
                 }
-                if let (Some(id), Some(Slot::Pending { deadline, .. })) = (own, own.and_then(|i| st.slots.get(&i))) {
+                if let (Some(id), Some(Slot::Pending { deadline, .. })) =
+                    (own, own.and_then(|i| st.slots.get(&i)))
+                {
                     if Instant::now() >= *deadline {
                         self.expire(&mut st, id);
                         return;
@@ -352,7 +368,9 @@ impl Conn {
         let mut was_async = false;
         match st.slots.get_mut(&id) {
             Some(slot @ Slot::Pending { .. }) => {
-                if let Slot::Pending { waker: Some(w), .. } = std::mem::replace(slot, Slot::Ready(Ok(f))) {
+                if let Slot::Pending { waker: Some(w), .. } =
+                    std::mem::replace(slot, Slot::Ready(Ok(f)))
+                {
                     was_async = true;
                     w.wake();
                 }
@@ -368,7 +386,11 @@ impl Conn {
     }
 
     /// Polls the reply to `id` from a future.
-    pub(crate) fn poll(self: &Arc<Self>, id: u64, cx: &mut Context<'_>) -> Poll<Result<OwnedFrame, ClientError>> {
+    pub(crate) fn poll(
+        self: &Arc<Self>,
+        id: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<OwnedFrame, ClientError>> {
         let mut st = self.state.lock();
         if let Some(r) = Self::take_ready(&mut st, id) {
             return Poll::Ready(r);

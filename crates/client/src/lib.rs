@@ -134,14 +134,19 @@ impl ClientError {
             ClientError::Rejected { code, .. } | ClientError::Remote { code, .. } => Some(*code),
             ClientError::OutOfRange { .. } => Some(ErrorCode::OutOfRange),
             ClientError::Unaligned { .. } => Some(ErrorCode::Unaligned),
-            ClientError::Server { .. } | ClientError::Timeout { .. } => Some(ErrorCode::ServerUnavailable),
+            ClientError::Server { .. } | ClientError::Timeout { .. } => {
+                Some(ErrorCode::ServerUnavailable)
+            }
             _ => None,
         }
     }
 
     /// True if the connection to a server failed or timed out.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, ClientError::Server { .. } | ClientError::Timeout { .. })
+        matches!(
+            self,
+            ClientError::Server { .. } | ClientError::Timeout { .. }
+        )
     }
 }
 
@@ -214,7 +219,9 @@ impl Cluster {
         let (conn, tenant) = inner.ctl_connect()?;
         inner.tenant = tenant;
         *inner.ctl.get_mut() = Some(conn);
-        Ok(Cluster { inner: Arc::new(inner) })
+        Ok(Cluster {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The tenant this cluster handle acts for.
@@ -238,7 +245,10 @@ impl Cluster {
     }
 
     fn alloc(&self, size: u64, name: Option<String>) -> Result<Region> {
-        match self.inner.ctl_call(&CtlRequest::Alloc { size, name }, false)? {
+        match self
+            .inner
+            .ctl_call(&CtlRequest::Alloc { size, name }, false)?
+        {
             CtlReply::Region(map) => Ok(Region::new(self.inner.clone(), map)),
             other => Err(unexpected(&self.inner.controller, &other)),
         }
@@ -246,7 +256,12 @@ impl Cluster {
 
     /// Opens the tenant's region called `name`.
     pub fn open_region(&self, name: &str) -> Result<Region> {
-        match self.inner.ctl_call(&CtlRequest::Open { name: name.to_string() }, true)? {
+        match self.inner.ctl_call(
+            &CtlRequest::Open {
+                name: name.to_string(),
+            },
+            true,
+        )? {
             CtlReply::Region(map) => Ok(Region::new(self.inner.clone(), map)),
             other => Err(unexpected(&self.inner.controller, &other)),
         }
@@ -254,7 +269,10 @@ impl Cluster {
 
     /// Frees a region by id (its data is gone; other handles to it get errors).
     pub fn free_region(&self, id: u64) -> Result<()> {
-        match self.inner.ctl_call(&CtlRequest::Free { region: id }, false)? {
+        match self
+            .inner
+            .ctl_call(&CtlRequest::Free { region: id }, false)?
+        {
             CtlReply::Ack => Ok(()),
             other => Err(unexpected(&self.inner.controller, &other)),
         }

@@ -112,7 +112,13 @@ impl Region {
     }
 
     /// Splits `[offset, offset+len)` at slab boundaries and at `max_io`.
-    fn pieces(&self, map: &RegionMap, offset: u64, len: u64, mut f: impl FnMut(usize, u64, usize, usize) -> Result<(), Attempt>) -> Result<(), Attempt> {
+    fn pieces(
+        &self,
+        map: &RegionMap,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(usize, u64, usize, usize) -> Result<(), Attempt>,
+    ) -> Result<(), Attempt> {
         self.check_range(map, offset, len).map_err(unsent)?;
         let ss = map.slab_size;
         let max_io = self.inner.opts.max_io.max(1) as u64;
@@ -143,7 +149,11 @@ impl Region {
     /// Runs `op` against the current map, refreshing the map or reconnecting
     /// and trying again when that can help. Requests that may have reached
     /// the server are retried only if `idempotent`.
-    fn retrying<T>(&self, idempotent: bool, mut op: impl FnMut(&RegionMap) -> Result<T, Attempt>) -> Result<T> {
+    fn retrying<T>(
+        &self,
+        idempotent: bool,
+        mut op: impl FnMut(&RegionMap) -> Result<T, Attempt>,
+    ) -> Result<T> {
         let mut attempt = 0;
         loop {
             let map = self.map.read().clone();
@@ -189,27 +199,47 @@ impl Region {
         self.pieces(map, offset, len as u64, |slab, off, n, buf_off| {
             let (at, addr) = Self::target(map, slab, off);
             let (conn, id) = self.submit(addr, &Request::Read { at, len: n as u32 })?;
-            parts.push(Part { conn, id, buf_off, len: n });
+            parts.push(Part {
+                conn,
+                id,
+                buf_off,
+                len: n,
+            });
             Ok(())
         })
         .inspect_err(|_| abandon(&parts))?;
         Ok(parts)
     }
 
-    fn start_write(&self, map: &RegionMap, offset: u64, bytes: &[u8]) -> Result<Vec<Part>, Attempt> {
+    fn start_write(
+        &self,
+        map: &RegionMap,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<Vec<Part>, Attempt> {
         let mut parts = Vec::new();
         self.pieces(map, offset, bytes.len() as u64, |slab, off, n, buf_off| {
             let (at, addr) = Self::target(map, slab, off);
             let data = &bytes[buf_off..buf_off + n];
             let (conn, id) = self.submit(addr, &Request::Write { at, data })?;
-            parts.push(Part { conn, id, buf_off, len: n });
+            parts.push(Part {
+                conn,
+                id,
+                buf_off,
+                len: n,
+            });
             Ok(())
         })
         .inspect_err(|_| abandon(&parts))?;
         Ok(parts)
     }
 
-    fn start_atomic(&self, map: &RegionMap, offset: u64, make: impl FnOnce(Target) -> Request<'static>) -> Result<Vec<Part>, Attempt> {
+    fn start_atomic(
+        &self,
+        map: &RegionMap,
+        offset: u64,
+        make: impl FnOnce(Target) -> Request<'static>,
+    ) -> Result<Vec<Part>, Attempt> {
         self.check_range(map, offset, 8).map_err(unsent)?;
         if offset % 8 != 0 {
             return Err(unsent(ClientError::Unaligned {
@@ -288,13 +318,19 @@ impl Region {
     /// Starts a compare-and-swap; the future yields the previous value.
     pub fn compare_and_swap_async(&self, offset: u64, expected: u64, new: u64) -> OpFuture<u64> {
         let map = self.map.read().clone();
-        OpFuture::new(self.start_atomic(&map, offset, |at| Request::Cas { at, expected, new }), |v| v)
+        OpFuture::new(
+            self.start_atomic(&map, offset, |at| Request::Cas { at, expected, new }),
+            |v| v,
+        )
     }
 
     /// Starts a fetch-and-add; the future yields the previous value.
     pub fn fetch_add_async(&self, offset: u64, delta: u64) -> OpFuture<u64> {
         let map = self.map.read().clone();
-        OpFuture::new(self.start_atomic(&map, offset, |at| Request::Faa { at, delta }), |v| v)
+        OpFuture::new(
+            self.start_atomic(&map, offset, |at| Request::Faa { at, delta }),
+            |v| v,
+        )
     }
 
     /// Reads several ranges, one batch frame per server.
@@ -401,7 +437,10 @@ fn value(p: &Part, f: OwnedFrame, out: &mut u64) -> Result<()> {
 }
 
 /// Waits for every part, handing each reply to `each`; returns the first error.
-fn wait_all(parts: Vec<Part>, mut each: impl FnMut(&Part, OwnedFrame) -> Result<()>) -> Result<(), Attempt> {
+fn wait_all(
+    parts: Vec<Part>,
+    mut each: impl FnMut(&Part, OwnedFrame) -> Result<()>,
+) -> Result<(), Attempt> {
     let mut first: Option<ClientError> = None;
     for p in &parts {
         if first.is_some() {
@@ -725,7 +764,10 @@ impl Batch<'_> {
                     results.push(BatchResult::Value(0));
                     r.check_range(map, *off, 8).map_err(unsent)?;
                     if off % 8 != 0 {
-                        return Err(unsent(ClientError::Unaligned { region: r.id, offset: *off }));
+                        return Err(unsent(ClientError::Unaligned {
+                            region: r.id,
+                            offset: *off,
+                        }));
                     }
                     let slab = (*off / map.slab_size) as usize;
                     let (at, addr) = Region::target(map, slab, off % map.slab_size);
@@ -773,11 +815,16 @@ impl Batch<'_> {
                     return Err(protocol(&conn, "expected a batch reply"));
                 };
                 if br.len() as usize != dests.len() {
-                    return Err(protocol(&conn, "batch reply has the wrong number of results"));
+                    return Err(protocol(
+                        &conn,
+                        "batch reply has the wrong number of results",
+                    ));
                 }
                 for (sub, (op, at)) in br.iter().zip(dests) {
                     match (sub, &mut results[op]) {
-                        (Ok(SubResult::Data(d)), BatchResult::Data(buf)) if at + d.len() <= buf.len() => {
+                        (Ok(SubResult::Data(d)), BatchResult::Data(buf))
+                            if at + d.len() <= buf.len() =>
+                        {
                             buf[at..at + d.len()].copy_from_slice(d)
                         }
                         (Ok(SubResult::Done), BatchResult::Done) => {}
@@ -789,7 +836,12 @@ impl Batch<'_> {
                                 message: format!("batch operation {op}: {code}"),
                             })
                         }
-                        _ => return Err(protocol(&conn, "batch result does not match its operation")),
+                        _ => {
+                            return Err(protocol(
+                                &conn,
+                                "batch result does not match its operation",
+                            ))
+                        }
                     }
                 }
                 Ok(())

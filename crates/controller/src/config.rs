@@ -213,6 +213,8 @@ admin = true
             std::fs::write(&p, bad).unwrap();
             assert!(ControllerConfig::default().load_file(&p).is_err(), "{bad}");
         }
-        assert!(ControllerConfig::default().load_file(&dir.path().join("missing")).is_err());
+        assert!(ControllerConfig::default()
+            .load_file(&dir.path().join("missing"))
+            .is_err());
     }
 }

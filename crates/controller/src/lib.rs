@@ -29,7 +29,8 @@ use parking_lot::Mutex;
 use rand::Rng;
 use remora_net::{FramedReader, LatencyInjector, NetError, RpcConn, Stream, TcpTransport};
 use remora_proto::ctl::{
-    self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap, ServerInfo, SlabLoc, TenantInfo,
+    self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap, ServerInfo, SlabLoc,
+    TenantInfo,
 };
 use remora_proto::data::{self, Reply, Request};
 use remora_proto::frame::DEFAULT_MAX_FRAME;
@@ -154,7 +155,14 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
                 "tenant {name:?} shares a token with another stored tenant"
             )));
         }
-        st.tenants.insert(name, TenantState { t, used: 0, regions: 0 });
+        st.tenants.insert(
+            name,
+            TenantState {
+                t,
+                used: 0,
+                regions: 0,
+            },
+        );
     }
     for (id, r) in snap.regions {
         if let Some(t) = st.tenants.get_mut(&r.tenant) {
@@ -316,8 +324,7 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> CtlReply {
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
-        && n
-            .chars()
+        && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
@@ -397,7 +404,10 @@ impl Inner {
                 }
             }
             (Role::Server(_), _) => fail(ErrorCode::NotAuthorized, "servers may only heartbeat"),
-            (Role::None, _) => fail(ErrorCode::Unauthenticated, "send ClientHello with a token first"),
+            (Role::None, _) => fail(
+                ErrorCode::Unauthenticated,
+                "send ClientHello with a token first",
+            ),
         }
     }
 
@@ -442,13 +452,18 @@ impl Inner {
 
     fn client_request(&self, tenant: &str, req: CtlRequest) -> Result<CtlReply, Failure> {
         match req {
-            CtlRequest::Alloc { size, name } => self.alloc(tenant, size, name).map(CtlReply::Region),
+            CtlRequest::Alloc { size, name } => {
+                self.alloc(tenant, size, name).map(CtlReply::Region)
+            }
             CtlRequest::Free { region } => self.free(tenant, region).map(|_| CtlReply::Ack),
             CtlRequest::Open { name } => {
                 let st = self.state.lock();
                 match st.names.get(&(tenant.to_string(), name.clone())) {
                     Some(&id) if id != 0 => Ok(CtlReply::Region(st.regions[&id].map.clone())),
-                    _ => Err((ErrorCode::RegionNotFound, format!("no region named {name:?}"))),
+                    _ => Err((
+                        ErrorCode::RegionNotFound,
+                        format!("no region named {name:?}"),
+                    )),
                 }
             }
             CtlRequest::GetMap { region } => {
@@ -518,13 +533,19 @@ impl Inner {
     fn alloc(&self, tenant: &str, size: u64, name: Option<String>) -> Result<RegionMap, Failure> {
         let ss = self.cfg.slab_size;
         if size == 0 {
-            return Err((ErrorCode::InvalidArgument, "region size must be positive".into()));
+            return Err((
+                ErrorCode::InvalidArgument,
+                "region size must be positive".into(),
+            ));
         }
         let n = size.div_ceil(ss);
         if n > MAX_REGION_SLABS {
             return Err((
                 ErrorCode::InvalidArgument,
-                format!("region of {size} bytes exceeds the maximum of {} bytes", MAX_REGION_SLABS * ss),
+                format!(
+                    "region of {size} bytes exceeds the maximum of {} bytes",
+                    MAX_REGION_SLABS * ss
+                ),
             ));
         }
         if let Some(nm) = &name {
@@ -558,14 +579,20 @@ impl Inner {
             }
             if let Some(nm) = &name {
                 if st.names.contains_key(&(tenant.to_string(), nm.clone())) {
-                    return Err((ErrorCode::NameTaken, format!("a region named {nm:?} exists")));
+                    return Err((
+                        ErrorCode::NameTaken,
+                        format!("a region named {nm:?} exists"),
+                    ));
                 }
             }
             let cands: Vec<Candidate> = st
                 .servers
                 .iter()
                 .filter(|(_, s)| s.alive)
-                .map(|(id, s)| Candidate { id: *id, free: s.free() })
+                .map(|(id, s)| Candidate {
+                    id: *id,
+                    free: s.free(),
+                })
                 .collect();
             let picks = placement::place(&cands, n, self.cfg.placement, &mut st.rng).ok_or_else(|| {
                 let free: u64 = cands.iter().map(|c| c.free).sum();
@@ -583,7 +610,10 @@ impl Inner {
             st.next_slab += n;
             let mut plan = Vec::with_capacity(n as usize);
             for (i, sid) in picks.into_iter().enumerate() {
-                let s = st.servers.get_mut(&sid).ok_or((ErrorCode::Internal, "server vanished".to_string()))?;
+                let s = st
+                    .servers
+                    .get_mut(&sid)
+                    .ok_or((ErrorCode::Internal, "server vanished".to_string()))?;
                 s.assigned += 1;
                 let mut key: u64 = st.rng.gen();
                 if key == 0 {
@@ -617,7 +647,13 @@ impl Inner {
         let mut created = Vec::new();
         let mut failure = None;
         for loc in &map.slabs {
-            match self.admin_call(loc.server_id, &Request::CreateSlab { slab: loc.slab, key: loc.key }) {
+            match self.admin_call(
+                loc.server_id,
+                &Request::CreateSlab {
+                    slab: loc.slab,
+                    key: loc.key,
+                },
+            ) {
                 Ok(()) => created.push(loc.clone()),
                 Err(e) => {
                     failure = Some(e);
@@ -652,7 +688,10 @@ impl Inner {
             st.names.insert((tenant.to_string(), nm.clone()), region_id);
         }
         st.regions.insert(region_id, stored);
-        info!("tenant {tenant:?} allocated region {region_id} ({size} bytes, {} slabs)", map.slabs.len());
+        info!(
+            "tenant {tenant:?} allocated region {region_id} ({size} bytes, {} slabs)",
+            map.slabs.len()
+        );
         Ok(map)
     }
 
@@ -664,7 +703,9 @@ impl Inner {
             }
         }
         if let Some(t) = st.tenants.get_mut(&r.tenant) {
-            t.used = t.used.saturating_sub(r.map.slabs.len() as u64 * r.map.slab_size);
+            t.used = t
+                .used
+                .saturating_sub(r.map.slabs.len() as u64 * r.map.slab_size);
             t.regions = t.regions.saturating_sub(1);
         }
         if let Some(nm) = &r.map.name {
@@ -689,7 +730,9 @@ impl Inner {
             r
         };
         for loc in &r.map.slabs {
-            if let Err((code, msg)) = self.admin_call(loc.server_id, &Request::DropSlab { slab: loc.slab }) {
+            if let Err((code, msg)) =
+                self.admin_call(loc.server_id, &Request::DropSlab { slab: loc.slab })
+            {
                 debug!("dropping slab {} on {}: {code}: {msg}", loc.slab, loc.addr);
             }
         }
@@ -701,10 +744,10 @@ impl Inner {
     fn admin_call(&self, server_id: u64, req: &Request<'_>) -> Result<(), Failure> {
         let (addr, key) = {
             let st = self.state.lock();
-            let s = st
-                .servers
-                .get(&server_id)
-                .ok_or((ErrorCode::ServerUnavailable, format!("server {server_id:016x} is gone")))?;
+            let s = st.servers.get(&server_id).ok_or((
+                ErrorCode::ServerUnavailable,
+                format!("server {server_id:016x} is gone"),
+            ))?;
             (s.addr.clone(), s.admin_key)
         };
         let slot = self
@@ -714,14 +757,27 @@ impl Inner {
             .or_insert_with(|| Arc::new(Mutex::new(None)))
             .clone();
         let mut conn = slot.lock();
-        let unavailable = |e: NetError| (ErrorCode::ServerUnavailable, format!("server {addr}: {e}"));
+        let unavailable =
+            |e: NetError| (ErrorCode::ServerUnavailable, format!("server {addr}: {e}"));
         if conn.is_none() {
-            let mut c = RpcConn::connect(&TcpTransport, &addr, Duration::from_secs(2), LatencyInjector::default())
+            let mut c = RpcConn::connect(
+                &TcpTransport,
+                &addr,
+                Duration::from_secs(2),
+                LatencyInjector::default(),
+            )
+            .map_err(unavailable)?;
+            let f = c
+                .call(|b, id| data::hello(b, id, key))
                 .map_err(unavailable)?;
-            let f = c.call(|b, id| data::hello(b, id, key)).map_err(unavailable)?;
             match data::decode_reply(f.kind, &f.payload) {
                 Ok(Reply::HelloOk { .. }) => {}
-                other => return Err((ErrorCode::ServerUnavailable, format!("server {addr}: handshake: {other:?}"))),
+                other => {
+                    return Err((
+                        ErrorCode::ServerUnavailable,
+                        format!("server {addr}: handshake: {other:?}"),
+                    ))
+                }
             }
             *conn = Some(c);
         }
@@ -738,7 +794,10 @@ impl Inner {
         match data::decode_reply(f.kind, &f.payload) {
             Ok(Reply::Done) => Ok(()),
             Ok(Reply::Error { code, message }) => Err((code, format!("server {addr}: {message}"))),
-            other => Err((ErrorCode::Internal, format!("server {addr}: unexpected {other:?}"))),
+            other => Err((
+                ErrorCode::Internal,
+                format!("server {addr}: unexpected {other:?}"),
+            )),
         }
     }
 }

@@ -36,7 +36,9 @@ impl std::str::FromStr for Policy {
         match s {
             "p2c" | "power-of-two" | "power-of-two-choices" => Ok(Policy::PowerOfTwo),
             "least-loaded" => Ok(Policy::LeastLoaded),
-            other => Err(format!("unknown placement policy {other:?} (p2c, least-loaded)")),
+            other => Err(format!(
+                "unknown placement policy {other:?} (p2c, least-loaded)"
+            )),
         }
     }
 }
@@ -51,7 +53,12 @@ pub struct Candidate {
 }
 
 /// Picks a server for each of `n` slabs; `None` if the candidates lack room.
-pub fn place(candidates: &[Candidate], n: u64, policy: Policy, rng: &mut impl Rng) -> Option<Vec<u64>> {
+pub fn place(
+    candidates: &[Candidate],
+    n: u64,
+    policy: Policy,
+    rng: &mut impl Rng,
+) -> Option<Vec<u64>> {
     let total: u64 = candidates.iter().map(|c| c.free).sum();
     if total < n {
         return None;
@@ -60,7 +67,9 @@ pub fn place(candidates: &[Candidate], n: u64, policy: Policy, rng: &mut impl Rn
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let i = match policy {
-            Policy::LeastLoaded => (0..free.len()).max_by_key(|&i| (free[i].free, std::cmp::Reverse(free[i].id)))?,
+            Policy::LeastLoaded => {
+                (0..free.len()).max_by_key(|&i| (free[i].free, std::cmp::Reverse(free[i].id)))?
+            }
             Policy::PowerOfTwo => {
                 if free.len() == 1 {
                     0
@@ -117,11 +126,17 @@ mod tests {
     #[test]
     fn prefers_free_servers() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-        let c = [Candidate { id: 1, free: 10 }, Candidate { id: 2, free: 100 }];
+        let c = [
+            Candidate { id: 1, free: 10 },
+            Candidate { id: 2, free: 100 },
+        ];
         let got = place(&c, 50, Policy::PowerOfTwo, &mut rng).unwrap();
         assert_eq!(counts(&got).get(&2), Some(&50));
         assert!(place(&c, 111, Policy::PowerOfTwo, &mut rng).is_none());
-        assert_eq!(place(&c, 110, Policy::LeastLoaded, &mut rng).unwrap().len(), 110);
+        assert_eq!(
+            place(&c, 110, Policy::LeastLoaded, &mut rng).unwrap().len(),
+            110
+        );
     }
 
     proptest! {

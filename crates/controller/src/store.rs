@@ -71,7 +71,12 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
     /// Inserts or replaces a tenant.
     fn put_tenant(&self, t: &StoredTenant) -> Result<(), StoreError>;
     /// Inserts or replaces a region and the id counters, in one transaction.
-    fn put_region(&self, r: &StoredRegion, next_region: u64, next_slab: u64) -> Result<(), StoreError>;
+    fn put_region(
+        &self,
+        r: &StoredRegion,
+        next_region: u64,
+        next_slab: u64,
+    ) -> Result<(), StoreError>;
     /// Deletes a region.
     fn delete_region(&self, id: u64) -> Result<(), StoreError>;
 }
@@ -91,7 +96,8 @@ impl RedbStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("controller.redb");
-        let db = redb::Database::create(&path).map_err(|e| err(format!("open {}: {e}", path.display())))?;
+        let db = redb::Database::create(&path)
+            .map_err(|e| err(format!("open {}: {e}", path.display())))?;
         let w = db.begin_write().map_err(err)?;
         {
             w.open_table(TENANTS).map_err(err)?;
@@ -133,7 +139,12 @@ impl MetaStore for RedbStore {
         w.commit().map_err(err)
     }
 
-    fn put_region(&self, r: &StoredRegion, next_region: u64, next_slab: u64) -> Result<(), StoreError> {
+    fn put_region(
+        &self,
+        r: &StoredRegion,
+        next_region: u64,
+        next_slab: u64,
+    ) -> Result<(), StoreError> {
         let bytes = postcard::to_stdvec(r).map_err(err)?;
         let w = self.db.begin_write().map_err(err)?;
         {
@@ -150,7 +161,10 @@ impl MetaStore for RedbStore {
 
     fn delete_region(&self, id: u64) -> Result<(), StoreError> {
         let w = self.db.begin_write().map_err(err)?;
-        w.open_table(REGIONS).map_err(err)?.remove(id).map_err(err)?;
+        w.open_table(REGIONS)
+            .map_err(err)?
+            .remove(id)
+            .map_err(err)?;
         w.commit().map_err(err)
     }
 }
@@ -174,7 +188,12 @@ impl MetaStore for MemStore {
         Ok(())
     }
 
-    fn put_region(&self, r: &StoredRegion, next_region: u64, next_slab: u64) -> Result<(), StoreError> {
+    fn put_region(
+        &self,
+        r: &StoredRegion,
+        next_region: u64,
+        next_slab: u64,
+    ) -> Result<(), StoreError> {
         let mut s = self.s.lock();
         s.regions.insert(r.map.id, r.clone());
         s.next_region = next_region;

@@ -171,7 +171,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "us" | "µs" => v * 1e3,
         "ms" => v * 1e6,
         "s" => v * 1e9,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?} (ns, us, ms, s)")),
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?} (ns, us, ms, s)"
+            ))
+        }
     };
     if !nanos.is_finite() || nanos < 0.0 || nanos > 1e15 {
         return Err(format!("duration {s:?} out of range"));
@@ -212,7 +216,12 @@ pub struct FramedReader {
 
 impl FramedReader {
     /// Wraps a stream; frames over `max_frame` bytes are a fatal error.
-    pub fn new(stream: Box<dyn Stream>, peer: &str, max_frame: u32, latency: LatencyInjector) -> Self {
+    pub fn new(
+        stream: Box<dyn Stream>,
+        peer: &str,
+        max_frame: u32,
+        latency: LatencyInjector,
+    ) -> Self {
         FramedReader {
             stream,
             dec: FrameDecoder::new(max_frame),
@@ -370,13 +379,16 @@ impl RpcConn {
             })?;
         let deadline = Instant::now() + self.timeout;
         loop {
-            let f = self.reader.next_owned(Some(deadline)).map_err(|e| match e {
-                NetError::Timeout { addr, .. } => NetError::Timeout {
-                    addr,
-                    timeout: self.timeout,
-                },
-                e => e,
-            })?;
+            let f = self
+                .reader
+                .next_owned(Some(deadline))
+                .map_err(|e| match e {
+                    NetError::Timeout { addr, .. } => NetError::Timeout {
+                        addr,
+                        timeout: self.timeout,
+                    },
+                    e => e,
+                })?;
             if f.id == id {
                 return Ok(f);
             }
@@ -393,7 +405,10 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("5us").unwrap(), Duration::from_micros(5));
         assert_eq!(parse_duration("5").unwrap(), Duration::from_micros(5));
-        assert_eq!(parse_duration("1.5ms").unwrap(), Duration::from_micros(1500));
+        assert_eq!(
+            parse_duration("1.5ms").unwrap(),
+            Duration::from_micros(1500)
+        );
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("250ns").unwrap(), Duration::from_nanos(250));
         assert!(parse_duration("fast").is_err());
@@ -417,14 +432,21 @@ mod tests {
         let h = std::thread::spawn(move || {
             let (s, _) = l.accept().unwrap();
             let mut w = s.try_clone().unwrap();
-            let mut r = FramedReader::new(Box::new(s), "client", 1 << 20, LatencyInjector::default());
+            let mut r =
+                FramedReader::new(Box::new(s), "client", 1 << 20, LatencyInjector::default());
             let f = r.next_owned(None).unwrap();
             let mut out = Vec::new();
             put_header(&mut out, f.id, f.kind + 1, f.payload.len());
             out.extend_from_slice(&f.payload);
             w.write_all(&out).unwrap();
         });
-        let mut c = RpcConn::connect(&TcpTransport, &addr, Duration::from_secs(5), LatencyInjector::default()).unwrap();
+        let mut c = RpcConn::connect(
+            &TcpTransport,
+            &addr,
+            Duration::from_secs(5),
+            LatencyInjector::default(),
+        )
+        .unwrap();
         let f = c
             .call(|b, id| {
                 put_header(b, id, 7, 3);
@@ -434,6 +456,9 @@ mod tests {
         assert_eq!((f.kind, f.payload.as_slice()), (8, &b"abc"[..]));
         h.join().unwrap();
         let e = c.call(|b, id| put_header(b, id, 7, 0)).unwrap_err();
-        assert!(matches!(e, NetError::Closed { .. } | NetError::Io { .. }), "{e}");
+        assert!(
+            matches!(e, NetError::Closed { .. } | NetError::Io { .. }),
+            "{e}"
+        );
     }
 }

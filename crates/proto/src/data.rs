@@ -262,10 +262,7 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
         },
         op::WRITE => {
             let at = c.target()?;
-            return Ok(Request::Write {
-                at,
-                data: c.rest(),
-            });
+            return Ok(Request::Write { at, data: c.rest() });
         }
         op::CAS => Request::Cas {
             at: c.target()?,

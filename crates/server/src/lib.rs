@@ -248,7 +248,9 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
             slab_size,
             heartbeat_ms,
         } => (slab_size, heartbeat_ms),
-        CtlReply::Error { code, message } => return Err(format!("register refused: {code}: {message}")),
+        CtlReply::Error { code, message } => {
+            return Err(format!("register refused: {code}: {message}"))
+        }
         other => return Err(format!("unexpected reply {other:?}")),
     };
     let pool = shared
@@ -280,7 +282,9 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
         )?;
         match reply {
             CtlReply::Ack => {}
-            CtlReply::Error { code, message } => return Err(format!("heartbeat refused: {code}: {message}")),
+            CtlReply::Error { code, message } => {
+                return Err(format!("heartbeat refused: {code}: {message}"))
+            }
             other => return Err(format!("unexpected reply {other:?}")),
         }
     }
@@ -325,7 +329,9 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                         // length): say why, then hang up, as the stream
                         // cannot be resynchronised.
                         let code = match source {
-                            remora_proto::DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+                            remora_proto::DecodeError::FrameTooLarge { .. } => {
+                                ErrorCode::FrameTooLarge
+                            }
                             _ => ErrorCode::Malformed,
                         };
                         put_error(&mut out, 0, code, &source.to_string());
@@ -370,7 +376,14 @@ fn flush(w: &mut TcpStream, out: &mut Vec<u8>, peer: &str) -> Result<(), NetErro
 }
 
 /// Executes one request and appends its reply. Returns false to close the connection.
-fn handle(shared: &Shared, st: &mut ConnState, id: u64, kind: u16, payload: &[u8], out: &mut Vec<u8>) -> bool {
+fn handle(
+    shared: &Shared,
+    st: &mut ConnState,
+    id: u64,
+    kind: u16,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
     let req = match decode_request(kind, payload) {
         Ok(r) => r,
         Err(e) => {
@@ -405,13 +418,23 @@ fn handle(shared: &Shared, st: &mut ConnState, id: u64, kind: u16, payload: &[u8
                 true
             }
             _ => {
-                put_error(out, id, ErrorCode::HandshakeRequired, "send a handshake first");
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::HandshakeRequired,
+                    "send a handshake first",
+                );
                 false
             }
         };
     }
     let Some(pool) = shared.pool.get() else {
-        put_error(out, id, ErrorCode::NotReady, "server has not registered with a controller yet");
+        put_error(
+            out,
+            id,
+            ErrorCode::NotReady,
+            "server has not registered with a controller yet",
+        );
         return true;
     };
     let max_reply = shared.cfg.max_frame as usize - HEADER_LEN;
@@ -458,7 +481,9 @@ fn handle(shared: &Shared, st: &mut ConnState, id: u64, kind: u16, payload: &[u8
                             w.error(out, ErrorCode::FrameTooLarge);
                             continue;
                         }
-                        let r = pool.read(&at, len, |bytes| w.data(out, bytes.len(), |d| d.copy_from_slice(bytes)));
+                        let r = pool.read(&at, len, |bytes| {
+                            w.data(out, bytes.len(), |d| d.copy_from_slice(bytes))
+                        });
                         if let Err(code) = r {
                             w.error(out, code);
                         }
@@ -482,7 +507,12 @@ fn handle(shared: &Shared, st: &mut ConnState, id: u64, kind: u16, payload: &[u8
         }
         Request::CreateSlab { slab, key } => {
             if !st.admin {
-                put_error(out, id, ErrorCode::NotAuthorized, "create slab needs the admin key");
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::NotAuthorized,
+                    "create slab needs the admin key",
+                );
             } else {
                 match pool.create(slab, key) {
                     Ok(()) => data::encode_reply(out, id, &Reply::Done),
@@ -492,7 +522,12 @@ fn handle(shared: &Shared, st: &mut ConnState, id: u64, kind: u16, payload: &[u8
         }
         Request::DropSlab { slab } => {
             if !st.admin {
-                put_error(out, id, ErrorCode::NotAuthorized, "drop slab needs the admin key");
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::NotAuthorized,
+                    "drop slab needs the admin key",
+                );
             } else {
                 match pool.drop_slab(slab) {
                     Ok(()) => data::encode_reply(out, id, &Reply::Done),
@@ -507,7 +542,12 @@ fn handle(shared: &Shared, st: &mut ConnState, id: u64, kind: u16, payload: &[u8
             dest_addr,
         } => {
             if !st.admin {
-                put_error(out, id, ErrorCode::NotAuthorized, "copy slab needs the admin key");
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::NotAuthorized,
+                    "copy slab needs the admin key",
+                );
             } else {
                 match copy_slab(pool, slab, dest_addr, dest_slab, dest_key, &mut st.scratch) {
                     Ok(()) => data::encode_reply(out, id, &Reply::Done),
@@ -537,17 +577,35 @@ fn copy_slab(
     dest_key: u64,
     buf: &mut Vec<u8>,
 ) -> Result<(), (ErrorCode, String)> {
-    let unavailable = |e: NetError| (ErrorCode::ServerUnavailable, format!("copy to {dest_addr}: {e}"));
-    let mut conn = RpcConn::connect(&TcpTransport, dest_addr, Duration::from_secs(5), LatencyInjector::default())
-        .map_err(unavailable)?;
+    let unavailable = |e: NetError| {
+        (
+            ErrorCode::ServerUnavailable,
+            format!("copy to {dest_addr}: {e}"),
+        )
+    };
+    let mut conn = RpcConn::connect(
+        &TcpTransport,
+        dest_addr,
+        Duration::from_secs(5),
+        LatencyInjector::default(),
+    )
+    .map_err(unavailable)?;
     let check = |f: remora_net::OwnedFrame| -> Result<(), (ErrorCode, String)> {
         match data::decode_reply(f.kind, &f.payload) {
             Ok(Reply::HelloOk { .. }) | Ok(Reply::Done) => Ok(()),
-            Ok(Reply::Error { code, message }) => Err((code, format!("copy to {dest_addr}: {message}"))),
-            other => Err((ErrorCode::Internal, format!("copy to {dest_addr}: unexpected {other:?}"))),
+            Ok(Reply::Error { code, message }) => {
+                Err((code, format!("copy to {dest_addr}: {message}")))
+            }
+            other => Err((
+                ErrorCode::Internal,
+                format!("copy to {dest_addr}: unexpected {other:?}"),
+            )),
         }
     };
-    check(conn.call(|b, id| data::hello(b, id, 0)).map_err(unavailable)?)?;
+    check(
+        conn.call(|b, id| data::hello(b, id, 0))
+            .map_err(unavailable)?,
+    )?;
     let started = Instant::now();
     let size = pool.slab_size();
     let chunk = 1u64 << 20;
@@ -568,6 +626,9 @@ fn copy_slab(
         )?;
         off += n as u64;
     }
-    debug!("copied slab {slab} to {dest_addr} in {:?}", started.elapsed());
+    debug!(
+        "copied slab {slab} to {dest_addr} in {:?}",
+        started.elapsed()
+    );
     Ok(())
 }

@@ -108,7 +108,12 @@ impl SlabPool {
         }
     }
 
-    fn range(&self, slab: &Slab, at: &Target, len: u64) -> Result<std::ops::Range<usize>, ErrorCode> {
+    fn range(
+        &self,
+        slab: &Slab,
+        at: &Target,
+        len: u64,
+    ) -> Result<std::ops::Range<usize>, ErrorCode> {
         if slab.key != at.key {
             return Err(ErrorCode::BadCapability);
         }
@@ -120,7 +125,12 @@ impl SlabPool {
     }
 
     /// Reads `len` bytes at `at`, handing them to `f`.
-    pub fn read<R>(&self, at: &Target, len: u32, f: impl FnOnce(&[u8]) -> R) -> Result<R, ErrorCode> {
+    pub fn read<R>(
+        &self,
+        at: &Target,
+        len: u32,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
         let r = self.range(slab, at, len as u64)?;
@@ -173,7 +183,13 @@ impl SlabPool {
     }
 
     /// Copies `len` bytes from `offset` of slab `id` into `out` (for slab copies).
-    pub fn read_admin(&self, id: u64, offset: u64, out: &mut Vec<u8>, len: usize) -> Result<(), ErrorCode> {
+    pub fn read_admin(
+        &self,
+        id: u64,
+        offset: u64,
+        out: &mut Vec<u8>,
+        len: usize,
+    ) -> Result<(), ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
         let at = Target {
@@ -220,14 +236,25 @@ mod tests {
         assert_eq!(p.create(9, 1), Err(ErrorCode::OutOfCapacity));
         assert_eq!(p.create(0, 1), Err(ErrorCode::SlabExists));
         p.write(&at(1, 101, 10), b"hello").unwrap();
-        assert_eq!(p.write(&at(1, 102, 10), b"x"), Err(ErrorCode::BadCapability));
-        assert_eq!(p.write(&at(1, 101, 4095), b"xy"), Err(ErrorCode::OutOfRange));
-        assert_eq!(p.write(&at(1, 101, u64::MAX), b"xy"), Err(ErrorCode::OutOfRange));
+        assert_eq!(
+            p.write(&at(1, 102, 10), b"x"),
+            Err(ErrorCode::BadCapability)
+        );
+        assert_eq!(
+            p.write(&at(1, 101, 4095), b"xy"),
+            Err(ErrorCode::OutOfRange)
+        );
+        assert_eq!(
+            p.write(&at(1, 101, u64::MAX), b"xy"),
+            Err(ErrorCode::OutOfRange)
+        );
         assert_eq!(p.write(&at(7, 101, 0), b"x"), Err(ErrorCode::UnknownSlab));
         let got = p.read(&at(1, 101, 8), 9, |b| b.to_vec()).unwrap();
         assert_eq!(&got, b"\0\0hello\0\0");
         // Another slab is untouched.
-        assert!(p.read(&at(2, 102, 0), 4096, |b| b.iter().all(|&x| x == 0)).unwrap());
+        assert!(p
+            .read(&at(2, 102, 0), 4096, |b| b.iter().all(|&x| x == 0))
+            .unwrap());
         p.drop_slab(1).unwrap();
         assert_eq!(p.drop_slab(1), Err(ErrorCode::UnknownSlab));
         p.create(9, 1).unwrap();

@@ -1,0 +1,210 @@
+//! `remora region ...`: the administrator's tool for far memory.
+//!
+//! Reads and writes stream in 1 MiB chunks with several chunks in flight, so
+//! large files move at pipeline speed rather than one round trip per chunk.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use remora_client::RegionSummary;
+use remora_proto::size::Bytes;
+
+use crate::{size_arg, ClientArgs};
+
+const CHUNK: usize = 1 << 20;
+const IN_FLIGHT: usize = 8;
+
+#[derive(Subcommand, Debug)]
+pub enum RegionCmd {
+    /// Allocate a named region.
+    Create {
+        /// Region name.
+        name: String,
+        /// Size (e.g. 64MiB, 1GiB).
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Write standard input into a region.
+    Write {
+        /// Region name.
+        name: String,
+        /// Byte offset to start at (sizes like 4KiB accepted).
+        #[arg(long, default_value = "0", value_parser = size_arg)]
+        offset: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Read a region to standard output.
+    Read {
+        /// Region name.
+        name: String,
+        /// Byte offset to start at.
+        #[arg(long, default_value = "0", value_parser = size_arg)]
+        offset: u64,
+        /// Bytes to read (default: to the end of the region).
+        #[arg(long, value_parser = size_arg)]
+        len: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the tenant's regions.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Free a region.
+    Rm {
+        /// Region name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+pub fn run(cmd: RegionCmd) -> Result<()> {
+    match cmd {
+        RegionCmd::Create { name, size, client } => {
+            let c = client.connect()?;
+            let r = c
+                .alloc_named(&name, size)
+                .with_context(|| format!("creating region {name:?}"))?;
+            println!(
+                "created region {name} (id {}, {}, {} slabs)",
+                r.id(),
+                Bytes(r.size()),
+                r.map().slabs.len()
+            );
+            Ok(())
+        }
+        RegionCmd::Write {
+            name,
+            offset,
+            client,
+        } => {
+            let c = client.connect()?;
+            let r = c
+                .open_region(&name)
+                .with_context(|| format!("opening region {name:?}"))?;
+            let mut input = std::io::stdin().lock();
+            let mut pos = offset;
+            let mut inflight = VecDeque::new();
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                let n = read_full(&mut input, &mut buf).context("reading standard input")?;
+                if n == 0 {
+                    break;
+                }
+                if pos + n as u64 > r.size() {
+                    bail!(
+                        "input does not fit: region {name:?} is {} bytes, input reaches offset {}",
+                        r.size(),
+                        pos + n as u64
+                    );
+                }
+                if inflight.len() >= IN_FLIGHT {
+                    let f: remora_client::OpFuture<()> = inflight.pop_front().context("queue")?;
+                    f.wait()?;
+                }
+                inflight.push_back(r.write_async(pos, &buf[..n]));
+                pos += n as u64;
+            }
+            for f in inflight {
+                f.wait()?;
+            }
+            eprintln!("wrote {} to {name} at offset {offset}", Bytes(pos - offset));
+            Ok(())
+        }
+        RegionCmd::Read {
+            name,
+            offset,
+            len,
+            client,
+        } => {
+            let c = client.connect()?;
+            let r = c
+                .open_region(&name)
+                .with_context(|| format!("opening region {name:?}"))?;
+            if offset > r.size() {
+                bail!(
+                    "offset {offset} is past the end of region {name:?} ({} bytes)",
+                    r.size()
+                );
+            }
+            let len = len.unwrap_or(r.size() - offset);
+            if offset + len > r.size() {
+                bail!(
+                    "range [{offset}, {}) is past the end of region {name:?} ({} bytes)",
+                    offset + len,
+                    r.size()
+                );
+            }
+            let mut out = std::io::stdout().lock();
+            let mut next = offset;
+            let end = offset + len;
+            let mut inflight = VecDeque::new();
+            while next < end || !inflight.is_empty() {
+                while next < end && inflight.len() < IN_FLIGHT {
+                    let n = (end - next).min(CHUNK as u64) as usize;
+                    inflight.push_back(r.read_async(next, n));
+                    next += n as u64;
+                }
+                if let Some(f) = inflight.pop_front() {
+                    let data = f.wait()?;
+                    out.write_all(&data).context("writing standard output")?;
+                }
+            }
+            out.flush().context("writing standard output")?;
+            Ok(())
+        }
+        RegionCmd::List { client } => {
+            let c = client.connect()?;
+            print_regions(&c.list_regions()?);
+            Ok(())
+        }
+        RegionCmd::Rm { name, client } => {
+            let c = client.connect()?;
+            let r = c
+                .open_region(&name)
+                .with_context(|| format!("opening region {name:?}"))?;
+            c.free_region(r.id())?;
+            println!("removed region {name}");
+            Ok(())
+        }
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+pub fn print_regions(regions: &[RegionSummary]) {
+    println!("REGIONS");
+    println!(
+        "{:<6} {:<24} {:<12} {:>10} {:>7} {:>8}",
+        "ID", "NAME", "TENANT", "SIZE", "SLABS", "VERSION"
+    );
+    for r in regions {
+        println!(
+            "{:<6} {:<24} {:<12} {:>10} {:>7} {:>8}",
+            r.id,
+            r.name.as_deref().unwrap_or("-"),
+            r.tenant,
+            Bytes(r.size).to_string(),
+            r.slabs,
+            r.version
+        );
+    }
+}
