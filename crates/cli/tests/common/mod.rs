@@ -1,0 +1,233 @@
+//! Test harness: real `remora` controller and server processes on loopback.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use remora_client::{ClientOptions, Cluster};
+
+pub const TOKEN: &str = "tok-default";
+pub const OTHER_TOKEN: &str = "tok-other";
+
+pub fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_remora")
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(exe())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn remora");
+        let out = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(out)
+            .read_line(&mut line)
+            .expect("read announce line");
+        assert!(
+            line.contains("listening on"),
+            "unexpected first line {line:?} from {args:?}"
+        );
+        let addr = line.trim().rsplit(' ').next().expect("addr").to_string();
+        Proc { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(st.success());
+    }
+}
+
+pub struct Opts {
+    pub servers: usize,
+    pub capacity: &'static str,
+    pub slab: &'static str,
+    pub server_args: Vec<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            servers: 3,
+            capacity: "8MiB",
+            slab: "64KiB",
+            server_args: Vec::new(),
+        }
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub controller: Option<Proc>,
+    pub controller_addr: String,
+    pub servers: Vec<Proc>,
+    pub opts: Opts,
+}
+
+impl TestCluster {
+    pub fn start(opts: Opts) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("controller.toml"),
+            format!(
+                r#"
+slab_size = "{}"
+heartbeat_interval = "100ms"
+dead_after = "1s"
+[[tenants]]
+name = "default"
+token = "{TOKEN}"
+admin = true
+[[tenants]]
+name = "other"
+token = "{OTHER_TOKEN}"
+quota = "1MiB"
+"#,
+                opts.slab
+            ),
+        )
+        .expect("write config");
+        let mut tc = TestCluster {
+            dir,
+            controller: None,
+            controller_addr: "127.0.0.1:0".into(),
+            servers: Vec::new(),
+            opts,
+        };
+        tc.start_controller();
+        for _ in 0..tc.opts.servers {
+            tc.add_server(&[]);
+        }
+        tc.wait_alive(tc.opts.servers);
+        tc
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn start_controller(&mut self) {
+        let cfg = self.dir.path().join("controller.toml");
+        let data = self.data_dir();
+        let p = Proc::spawn(&[
+            "controller",
+            "--listen",
+            &self.controller_addr,
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--data-dir",
+            data.to_str().expect("utf8"),
+        ]);
+        self.controller_addr = p.addr.clone();
+        self.controller = Some(p);
+    }
+
+    pub fn kill_controller(&mut self) {
+        self.controller = None;
+    }
+
+    pub fn add_server(&mut self, extra: &[&str]) -> usize {
+        let mut args = vec![
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--controller",
+            &self.controller_addr,
+            "--capacity",
+            self.opts.capacity,
+        ];
+        let owned: Vec<String> = self.opts.server_args.clone();
+        args.extend(owned.iter().map(|s| s.as_str()));
+        args.extend_from_slice(extra);
+        self.servers.push(Proc::spawn(&args));
+        self.servers.len() - 1
+    }
+
+    pub fn client(&self) -> Cluster {
+        Cluster::connect(&self.controller_addr, TOKEN).expect("connect")
+    }
+
+    pub fn client_with(&self, token: &str, opts: ClientOptions) -> remora_client::Result<Cluster> {
+        Cluster::connect_with(&self.controller_addr, token, opts)
+    }
+
+    /// Waits until exactly `n` servers are alive.
+    pub fn wait_alive(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = Cluster::connect(&self.controller_addr, TOKEN) {
+                if let Ok(s) = c.status() {
+                    if s.servers.iter().filter(|s| s.alive).count() == n {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "servers did not reach {n} alive");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A `remora` command pointed at this cluster.
+    pub fn remora(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(exe());
+        c.args(args)
+            .env("REMORA_CONTROLLER", &self.controller_addr)
+            .env("REMORA_TOKEN", TOKEN)
+            .env("REMORA_HOME", self.dir.path().join("home"))
+            .env("RUST_LOG", "warn");
+        c
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+/// A deterministic xorshift generator for test data.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
