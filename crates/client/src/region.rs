@@ -241,7 +241,7 @@ impl Region {
         make: impl FnOnce(Target) -> Request<'static>,
     ) -> Result<Vec<Part>, Attempt> {
         self.check_range(map, offset, 8).map_err(unsent)?;
-        if offset % 8 != 0 {
+        if !offset.is_multiple_of(8) {
             return Err(unsent(ClientError::Unaligned {
                 region: self.id,
                 offset,
@@ -662,6 +662,9 @@ pub struct Batch<'r> {
 /// Where one sub-operation's result goes: (operation index, byte offset in it).
 type Dest = (usize, usize);
 
+/// A batch frame being built: sub-operations, their destinations, reply bytes so far.
+type PendingFrame = (BatchBuilder, Vec<Dest>, usize);
+
 impl Batch<'_> {
     /// Adds a read of `len` bytes at `off`.
     pub fn read(&mut self, off: u64, len: usize) -> &mut Self {
@@ -713,7 +716,7 @@ impl Batch<'_> {
         let r = self.region;
         let max = r.inner.opts.max_io.max(64);
         // Per server: frames under construction with their destinations.
-        let mut frames: HashMap<&str, Vec<(BatchBuilder, Vec<Dest>, usize)>> = HashMap::new();
+        let mut frames: HashMap<&str, Vec<PendingFrame>> = HashMap::new();
         let mut results: Vec<BatchResult> = Vec::with_capacity(self.ops.len());
         let mut push = |addr: &'m str, sub: SubOp<'_>, dest: Dest, reply_len: usize| {
             let list = frames.entry(addr).or_default();
@@ -763,7 +766,7 @@ impl Batch<'_> {
                 BatchOp::Cas { off, .. } | BatchOp::Faa { off, .. } => {
                     results.push(BatchResult::Value(0));
                     r.check_range(map, *off, 8).map_err(unsent)?;
-                    if off % 8 != 0 {
+                    if !off.is_multiple_of(8) {
                         return Err(unsent(ClientError::Unaligned {
                             region: r.id,
                             offset: *off,

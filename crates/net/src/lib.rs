@@ -177,7 +177,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
-    if !nanos.is_finite() || nanos < 0.0 || nanos > 1e15 {
+    if !nanos.is_finite() || !(0.0..=1e15).contains(&nanos) {
         return Err(format!("duration {s:?} out of range"));
     }
     Ok(Duration::from_nanos(nanos as u64))

@@ -188,7 +188,7 @@ mod tests {
         let mut wire = Vec::new();
         for i in 0..5u64 {
             let start = begin_frame(&mut wire, i, 7);
-            wire.extend(std::iter::repeat(i as u8).take(i as usize * 3));
+            wire.extend(std::iter::repeat_n(i as u8, i as usize * 3));
             finish_frame(&mut wire, start);
         }
         for cut in 0..wire.len() {
@@ -226,11 +226,8 @@ mod tests {
             let mut d = FrameDecoder::new(256);
             for c in chunks {
                 feed(&mut d, &c);
-                loop {
-                    match d.peek() {
-                        Ok(Some(_)) => d.consume(),
-                        Ok(None) | Err(_) => break,
-                    }
+                while let Ok(Some(_)) = d.peek() {
+                    d.consume();
                 }
             }
         }

@@ -159,7 +159,7 @@ impl SlabPool {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
         let r = self.range(slab, at, 8)?;
-        if at.offset % 8 != 0 {
+        if !at.offset.is_multiple_of(8) {
             return Err(ErrorCode::Unaligned);
         }
         let mut data = slab.data.write();
