@@ -99,15 +99,18 @@ fn percentiles(mut v: Vec<u64>) -> Latency {
     }
 }
 
-/// Runs the benchmark on `cluster` (which should have one server for a fair comparison).
-pub fn run(cluster: &Cluster, opts: &MicroOptions) -> Result<Report> {
+/// Runs the benchmark on `cluster` (which should have one server for a fair
+/// comparison) against the raw server at `raw_addr` (see [`serve_raw`]).
+pub fn run(cluster: &Cluster, opts: &MicroOptions, raw_addr: &str) -> Result<Report> {
     let region = cluster
         .alloc_region(64 << 20)
         .context("allocating the benchmark region")?;
     region
         .write(0, &vec![0xA5; 64 << 20])
         .context("filling the region")?;
-    let raw = RawServer::start(LatencyInjector::new(opts.inject_latency))?;
+    let raw = RawServer {
+        addr: raw_addr.to_string(),
+    };
     let mut rows = Vec::new();
     for op in [Op::Read(64), Op::Write(64), Op::Read(4096), Op::Write(4096)] {
         let mut raw_client = raw.connect(opts.inject_latency)?;
@@ -226,18 +229,17 @@ struct RawServer {
     addr: String,
 }
 
-impl RawServer {
-    fn start(latency: LatencyInjector) -> Result<RawServer> {
-        let l = TcpListener::bind("127.0.0.1:0").context("binding the raw TCP server")?;
-        let addr = l.local_addr()?.to_string();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                std::thread::spawn(move || raw_serve(s, latency));
-            }
-        });
-        Ok(RawServer { addr })
+/// Serves the raw baseline protocol on `l` forever, one thread per connection
+/// (like the memory server). Run it in its own process, as the memory server
+/// is, so that both sides of the comparison pay the same scheduling costs.
+pub fn serve_raw(l: TcpListener, inject_latency: Duration) {
+    let latency = LatencyInjector::new(inject_latency);
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || raw_serve(s, latency));
     }
+}
 
+impl RawServer {
     fn connect(&self, delay: Duration) -> Result<RawClient> {
         let s = TcpStream::connect(&self.addr)?;
         s.set_nodelay(true)?;

@@ -284,6 +284,42 @@ impl Drop for Embedded {
     }
 }
 
+/// A helper child process that announced its address; killed on drop.
+#[derive(Debug)]
+pub struct Helper {
+    /// Its address.
+    pub addr: String,
+    child: Child,
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts this binary with `args` and waits for its "listening on" line.
+pub fn spawn_announcing(name: &str, args: &[String]) -> Result<Helper> {
+    let exe = std::env::current_exe().context("locating the remora binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .args(["--exit-with-parent", &std::process::id().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    match announced_addr(name, &mut child) {
+        Ok(addr) => Ok(Helper { addr, child }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
 /// Exits this process when its parent goes away (children of `remora up`
 /// must not outlive it even if it is killed with SIGKILL).
 pub fn exit_with_parent(parent: u32) {

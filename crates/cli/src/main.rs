@@ -185,6 +185,13 @@ impl ClientArgs {
 enum BenchCmd {
     /// Region read/write latency and throughput against raw loopback TCP, in one run.
     Micro(MicroArgs),
+    /// The raw TCP baseline server of `bench micro` (started by it).
+    #[command(hide = true)]
+    RawServer {
+        /// Delay added to every received message.
+        #[arg(long, value_parser = duration_arg)]
+        inject_latency: Option<Duration>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -229,6 +236,12 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Status(a) => status(a),
         Cmd::Region(c) => region_cmd::run(c),
         Cmd::Bench(BenchCmd::Micro(a)) => micro(a),
+        Cmd::Bench(BenchCmd::RawServer { inject_latency }) => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding the raw server")?;
+            announce("raw-server", &l.local_addr()?.to_string());
+            remora_bench::micro::serve_raw(l, inject_latency.unwrap_or_default());
+            Ok(())
+        }
     }
 }
 
@@ -444,6 +457,12 @@ fn micro(a: MicroArgs) -> Result<()> {
         ..ClientOptions::default()
     };
     let cluster = Cluster::connect_with(&cl.info.controller, &cl.info.token, opts)?;
+    let mut raw_args = vec!["bench".to_string(), "raw-server".to_string()];
+    if let Some(d) = a.inject_latency {
+        raw_args.push("--inject-latency".into());
+        raw_args.push(format!("{}ns", d.as_nanos()));
+    }
+    let raw = embedded::spawn_announcing("raw TCP server", &raw_args)?;
     let report = remora_bench::micro::run(
         &cluster,
         &remora_bench::micro::MicroOptions {
@@ -451,6 +470,7 @@ fn micro(a: MicroArgs) -> Result<()> {
             window: a.window.max(1),
             inject_latency: a.inject_latency.unwrap_or_default(),
         },
+        &raw.addr,
     )?;
     println!("{report}");
     Ok(())

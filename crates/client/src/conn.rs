@@ -236,21 +236,28 @@ impl Conn {
         None
     }
 
-    /// Blocks until the reply to `id` arrives or its deadline passes.
-    pub(crate) fn wait(&self, id: u64) -> Result<OwnedFrame, ClientError> {
+    /// Blocks until the reply to `id` arrives (or its deadline passes), then hands its kind and
+    /// payload to `f`. When this thread reads its own reply, `f` sees it in
+    /// the receive buffer: no copy, no allocation.
+    pub(crate) fn wait_with<T>(
+        &self,
+        id: u64,
+        f: impl FnOnce(u16, &[u8]) -> T,
+    ) -> Result<T, ClientError> {
+        let mut f = Some(f);
+        let mut out: Option<T> = None;
         let mut st = self.state.lock();
         loop {
             if let Some(r) = Self::take_ready(&mut st, id) {
-                return r;
+                let frame = r?;
+                return match f.take() {
+                    Some(f) => Ok(f(frame.kind, &frame.payload)),
+                    None => Err(self.not_pending(id)),
+                };
             }
             let deadline = match st.slots.get(&id) {
                 Some(Slot::Pending { deadline, .. }) => *deadline,
-                _ => {
-                    return Err(ClientError::Protocol {
-                        addr: self.addr.clone(),
-                        detail: format!("request {id} is not pending"),
-                    })
-                }
+                _ => return Err(self.not_pending(id)),
             };
             if Instant::now() >= deadline {
                 self.expire(&mut st, id);
@@ -259,13 +266,28 @@ impl Conn {
             if !st.reading {
                 st.reading = true;
                 drop(st);
-                self.lead(Some(id));
+                let mut sink = |kind: u16, payload: &[u8]| {
+                    if let Some(f) = f.take() {
+                        out = Some(f(kind, payload));
+                    }
+                };
+                self.lead(Some((id, &mut sink)));
                 st = self.state.lock();
                 st.reading = false;
                 self.cond.notify_all();
+                if let Some(v) = out.take() {
+                    return Ok(v);
+                }
             } else {
                 self.cond.wait_until(&mut st, deadline);
             }
+        }
+    }
+
+    fn not_pending(&self, id: u64) -> ClientError {
+        ClientError::Protocol {
+            addr: self.addr.clone(),
+            detail: format!("request {id} is not pending"),
         }
     }
 
@@ -285,16 +307,42 @@ impl Conn {
         }
     }
 
-    /// Reads and delivers frames as the reader. With `Some(id)`, returns once
-    /// that reply is delivered; with `None` (the driver), returns once no
-    /// future waits. Also returns on connection failure.
-    fn lead(&self, own: Option<u64>) {
+    /// Reads and delivers frames as the reader. With `Some((id, sink))`,
+    /// returns once that reply has been handed to `sink` (straight from the
+    /// receive buffer) or has otherwise completed; with `None` (the driver),
+    /// returns once no future waits. Also returns on connection failure.
+    fn lead(&self, mut own: Option<(u64, &mut dyn FnMut(u16, &[u8]))>) {
+        let own_id = own.as_ref().map(|(id, _)| *id);
         let mut r = self.reader.lock();
         loop {
             // Deliver everything buffered.
             let mut delivered_own = false;
             loop {
                 let frame = match r.try_frame() {
+                    Ok(Some(f)) if Some(f.id) == own_id => {
+                        let mine = {
+                            let mut st = self.state.lock();
+                            match st.slots.get(&f.id) {
+                                Some(Slot::Pending { waker, .. }) => {
+                                    if waker.is_some() {
+                                        st.async_waiters = st.async_waiters.saturating_sub(1);
+                                    }
+                                    st.slots.remove(&f.id);
+                                    true
+                                }
+                                // Timed out meanwhile: the error stays for the waiter.
+                                _ => false,
+                            }
+                        };
+                        if mine {
+                            if let Some((_, sink)) = own.as_mut() {
+                                sink(f.kind, f.payload);
+                            }
+                        }
+                        r.consume();
+                        delivered_own = true;
+                        continue;
+                    }
                     Ok(Some(f)) => OwnedFrame {
                         id: f.id,
                         kind: f.kind,
@@ -308,9 +356,6 @@ impl Conn {
                     }
                 };
                 r.consume();
-                if Some(frame.id) == own {
-                    delivered_own = true;
-                }
                 self.deliver(frame);
             }
             {
@@ -318,7 +363,7 @@ impl Conn {
                 if st.dead.is_some() {
                     return;
                 }
-                match own {
+                match own_id {
                     Some(id) => {
                         if delivered_own || !matches!(st.slots.get(&id), Some(Slot::Pending { .. }))
                         {
@@ -333,7 +378,7 @@ impl Conn {
                     }
                 }
                 if let (Some(id), Some(Slot::Pending { deadline, .. })) =
-                    (own, own.and_then(|i| st.slots.get(&i)))
+                    (own_id, own_id.and_then(|i| st.slots.get(&i)))
                 {
                     if Instant::now() >= *deadline {
                         self.expire(&mut st, id);

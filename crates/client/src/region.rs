@@ -9,7 +9,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use remora_net::OwnedFrame;
 use remora_proto::ctl::RegionMap;
 use remora_proto::data::{self, BatchBuilder, Reply, Request, SubOp, SubResult, Target};
 use remora_proto::ErrorCode;
@@ -262,7 +261,7 @@ impl Region {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.retrying(true, |map| {
             let parts = self.start_read(map, offset, buf.len())?;
-            wait_all(parts, |p, r| fill(p, r, buf))
+            wait_all(parts, |p, k, d| fill(p, k, d, buf))
         })
     }
 
@@ -280,7 +279,7 @@ impl Region {
         self.retrying(false, |map| {
             let parts = self.start_atomic(map, offset, |at| Request::Cas { at, expected, new })?;
             let mut v = 0;
-            wait_all(parts, |p, r| value(p, r, &mut v))?;
+            wait_all(parts, |p, k, d| value(p, k, d, &mut v))?;
             Ok(v)
         })
     }
@@ -290,7 +289,7 @@ impl Region {
         self.retrying(false, |map| {
             let parts = self.start_atomic(map, offset, |at| Request::Faa { at, delta })?;
             let mut v = 0;
-            wait_all(parts, |p, r| value(p, r, &mut v))?;
+            wait_all(parts, |p, k, d| value(p, k, d, &mut v))?;
             Ok(v)
         })
     }
@@ -383,10 +382,10 @@ fn abandon(parts: &[Part]) {
     }
 }
 
-/// Turns a reply frame into `Ok(reply)` or the server's error.
-fn check(conn: &Conn, f: &OwnedFrame) -> Result<()> {
-    if f.kind == data::reply::ERROR {
-        return Err(match data::decode_reply(f.kind, &f.payload) {
+/// Turns an error reply into the server's error.
+fn check(conn: &Conn, kind: u16, payload: &[u8]) -> Result<()> {
+    if kind == data::reply::ERROR {
+        return Err(match data::decode_reply(kind, payload) {
             Ok(Reply::Error { code, message }) => ClientError::Remote {
                 addr: conn.addr().to_string(),
                 code,
@@ -405,9 +404,9 @@ fn protocol(conn: &Conn, detail: &str) -> ClientError {
     }
 }
 
-fn fill(p: &Part, f: OwnedFrame, buf: &mut [u8]) -> Result<()> {
-    check(&p.conn, &f)?;
-    match data::decode_reply(f.kind, &f.payload) {
+fn fill(p: &Part, kind: u16, payload: &[u8], buf: &mut [u8]) -> Result<()> {
+    check(&p.conn, kind, payload)?;
+    match data::decode_reply(kind, payload) {
         Ok(Reply::Data(d)) if d.len() == p.len => {
             buf[p.buf_off..p.buf_off + p.len].copy_from_slice(d);
             Ok(())
@@ -416,17 +415,17 @@ fn fill(p: &Part, f: OwnedFrame, buf: &mut [u8]) -> Result<()> {
     }
 }
 
-fn expect_done(p: &Part, f: OwnedFrame) -> Result<()> {
-    check(&p.conn, &f)?;
-    match data::decode_reply(f.kind, &f.payload) {
+fn expect_done(p: &Part, kind: u16, payload: &[u8]) -> Result<()> {
+    check(&p.conn, kind, payload)?;
+    match data::decode_reply(kind, payload) {
         Ok(Reply::Done) => Ok(()),
         _ => Err(protocol(&p.conn, "expected done")),
     }
 }
 
-fn value(p: &Part, f: OwnedFrame, out: &mut u64) -> Result<()> {
-    check(&p.conn, &f)?;
-    match data::decode_reply(f.kind, &f.payload) {
+fn value(p: &Part, kind: u16, payload: &[u8], out: &mut u64) -> Result<()> {
+    check(&p.conn, kind, payload)?;
+    match data::decode_reply(kind, payload) {
         Ok(Reply::Value(v)) => {
             *out = v;
             Ok(())
@@ -439,7 +438,7 @@ fn value(p: &Part, f: OwnedFrame, out: &mut u64) -> Result<()> {
 /// Waits for every part, handing each reply to `each`; returns the first error.
 fn wait_all(
     parts: Vec<Part>,
-    mut each: impl FnMut(&Part, OwnedFrame) -> Result<()>,
+    mut each: impl FnMut(&Part, u16, &[u8]) -> Result<()>,
 ) -> Result<(), Attempt> {
     let mut first: Option<ClientError> = None;
     for p in &parts {
@@ -447,8 +446,10 @@ fn wait_all(
             p.conn.abandon(p.id);
             continue;
         }
-        let r = p.conn.wait(p.id).and_then(|f| each(p, f));
-        if let Err(e) = r {
+        let r = p
+            .conn
+            .wait_with(p.id, |kind, payload| each(p, kind, payload));
+        if let Err(e) = r.and_then(|x| x) {
             first = Some(e);
         }
     }
@@ -485,7 +486,7 @@ impl ReadFuture {
         }
         let parts = std::mem::take(&mut self.parts);
         let mut buf = std::mem::take(&mut self.buf);
-        wait_all(parts, |p, f| fill(p, f, &mut buf)).map_err(|a| a.err)?;
+        wait_all(parts, |p, k, d| fill(p, k, d, &mut buf)).map_err(|a| a.err)?;
         Ok(buf)
     }
 }
@@ -504,7 +505,7 @@ impl Future for ReadFuture {
             match p.conn.poll(p.id, cx) {
                 Poll::Ready(r) => {
                     this.done[i] = true;
-                    if let Err(e) = r.and_then(|f| fill(p, f, &mut this.buf)) {
+                    if let Err(e) = r.and_then(|f| fill(p, f.kind, &f.payload, &mut this.buf)) {
                         this.err = Some(e);
                     }
                 }
@@ -573,7 +574,7 @@ impl<T> OpFuture<T> {
         }
         let parts = std::mem::take(&mut self.parts);
         let mut v = 0;
-        wait_all(parts, |p, f| value(p, f, &mut v)).map_err(|a| a.err)?;
+        wait_all(parts, |p, k, d| value(p, k, d, &mut v)).map_err(|a| a.err)?;
         Ok((self.map)(v))
     }
 }
@@ -594,7 +595,7 @@ impl<T> Future for OpFuture<T> {
             match p.conn.poll(p.id, cx) {
                 Poll::Ready(r) => {
                     this.done[i] = true;
-                    if let Err(e) = r.and_then(|f| value(p, f, &mut this.value)) {
+                    if let Err(e) = r.and_then(|f| value(p, f.kind, &f.payload, &mut this.value)) {
                         this.err = Some(e);
                     }
                 }
@@ -812,43 +813,45 @@ impl Batch<'_> {
                 conn.abandon(id);
                 continue;
             }
-            let res = conn.wait(id).and_then(|f| {
-                check(&conn, &f)?;
-                let Ok(Reply::Batch(br)) = data::decode_reply(f.kind, &f.payload) else {
-                    return Err(protocol(&conn, "expected a batch reply"));
-                };
-                if br.len() as usize != dests.len() {
-                    return Err(protocol(
-                        &conn,
-                        "batch reply has the wrong number of results",
-                    ));
-                }
-                for (sub, (op, at)) in br.iter().zip(dests) {
-                    match (sub, &mut results[op]) {
-                        (Ok(SubResult::Data(d)), BatchResult::Data(buf))
-                            if at + d.len() <= buf.len() =>
-                        {
-                            buf[at..at + d.len()].copy_from_slice(d)
-                        }
-                        (Ok(SubResult::Done), BatchResult::Done) => {}
-                        (Ok(SubResult::Value(v)), BatchResult::Value(slot)) => *slot = v,
-                        (Ok(SubResult::Error(code)), _) => {
-                            return Err(ClientError::Remote {
-                                addr: conn.addr().to_string(),
-                                code,
-                                message: format!("batch operation {op}: {code}"),
-                            })
-                        }
-                        _ => {
-                            return Err(protocol(
-                                &conn,
-                                "batch result does not match its operation",
-                            ))
+            let res = conn
+                .wait_with(id, |kind, payload| {
+                    check(&conn, kind, payload)?;
+                    let Ok(Reply::Batch(br)) = data::decode_reply(kind, payload) else {
+                        return Err(protocol(&conn, "expected a batch reply"));
+                    };
+                    if br.len() as usize != dests.len() {
+                        return Err(protocol(
+                            &conn,
+                            "batch reply has the wrong number of results",
+                        ));
+                    }
+                    for (sub, (op, at)) in br.iter().zip(dests) {
+                        match (sub, &mut results[op]) {
+                            (Ok(SubResult::Data(d)), BatchResult::Data(buf))
+                                if at + d.len() <= buf.len() =>
+                            {
+                                buf[at..at + d.len()].copy_from_slice(d)
+                            }
+                            (Ok(SubResult::Done), BatchResult::Done) => {}
+                            (Ok(SubResult::Value(v)), BatchResult::Value(slot)) => *slot = v,
+                            (Ok(SubResult::Error(code)), _) => {
+                                return Err(ClientError::Remote {
+                                    addr: conn.addr().to_string(),
+                                    code,
+                                    message: format!("batch operation {op}: {code}"),
+                                })
+                            }
+                            _ => {
+                                return Err(protocol(
+                                    &conn,
+                                    "batch result does not match its operation",
+                                ))
+                            }
                         }
                     }
-                }
-                Ok(())
-            });
+                    Ok(())
+                })
+                .and_then(|r| r);
             if let Err(e) = res {
                 first = Some(e);
             }
