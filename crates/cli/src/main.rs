@@ -185,6 +185,12 @@ impl ClientArgs {
 enum BenchCmd {
     /// Region read/write latency and throughput against raw loopback TCP, in one run.
     Micro(MicroArgs),
+    /// Costs of each slab size (allocation, map size, streaming, fragmentation).
+    Slabs {
+        /// Slab sizes to compare.
+        #[arg(long, value_delimiter = ',', default_value = "64KiB,256KiB,1MiB,4MiB,16MiB", value_parser = size_arg)]
+        sizes: Vec<u64>,
+    },
     /// The raw TCP baseline server of `bench micro` (started by it).
     #[command(hide = true)]
     RawServer {
@@ -236,6 +242,7 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Status(a) => status(a),
         Cmd::Region(c) => region_cmd::run(c),
         Cmd::Bench(BenchCmd::Micro(a)) => micro(a),
+        Cmd::Bench(BenchCmd::Slabs { sizes }) => slabs(sizes),
         Cmd::Bench(BenchCmd::RawServer { inject_latency }) => {
             let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding the raw server")?;
             announce("raw-server", &l.local_addr()?.to_string());
@@ -473,5 +480,36 @@ fn micro(a: MicroArgs) -> Result<()> {
         &raw.addr,
     )?;
     println!("{report}");
+    Ok(())
+}
+
+fn slabs(sizes: Vec<u64>) -> Result<()> {
+    println!("Slab size comparison: 3 servers x 1 GiB on loopback, one cluster per size");
+    println!(
+        "{:>10} {:>14} {:>16} {:>14} {:>18}",
+        "slab", "alloc 256MiB", "map bytes/GiB", "stream GB/s", "small-region use"
+    );
+    for size in sizes {
+        let cfg = EmbeddedConfig {
+            servers: 3,
+            capacity_per_server: 1 << 30,
+            controller_listen: "127.0.0.1:0".into(),
+            slab_size: size,
+            data_dir: None,
+            inject_latency: None,
+            placement: "p2c".into(),
+        };
+        let cl = Embedded::start(&cfg)?;
+        let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
+        let r = remora_bench::slabs::measure(&cluster)?;
+        println!(
+            "{:>10} {:>11.1} ms {:>16.0} {:>14.2} {:>17.2}x",
+            Bytes(r.slab_size).to_string(),
+            r.alloc_ms,
+            r.map_bytes_per_gib,
+            r.stream_gbps,
+            r.small_overhead
+        );
+    }
     Ok(())
 }

@@ -86,15 +86,16 @@ impl SlabPool {
             return Err(ErrorCode::OutOfCapacity);
         }
         let len = usize::try_from(self.slab_size).map_err(|_| ErrorCode::OutOfCapacity)?;
-        let mut v = Vec::new();
-        v.try_reserve_exact(len)
+        // A zeroed allocation: large ones come straight from fresh anonymous
+        // pages, so nothing is touched until written; failure is an error,
+        // not an abort.
+        let data = bytemuck::allocation::try_zeroed_slice_box::<u8>(len)
             .map_err(|_| ErrorCode::OutOfCapacity)?;
-        v.resize(len, 0);
         t.insert(
             id,
             Slab {
                 key,
-                data: RwLock::new(v.into_boxed_slice()),
+                data: RwLock::new(data),
             },
         );
         Ok(())
