@@ -72,7 +72,13 @@ pub fn measure(cluster: &Cluster) -> Result<SlabRow> {
         requested += size;
         ids.push(cluster.alloc_region(size)?.id());
     }
-    let used: u64 = cluster.status()?.servers.iter().map(|s| s.slabs_used).sum::<u64>() * slab_size;
+    let used: u64 = cluster
+        .status()?
+        .servers
+        .iter()
+        .map(|s| s.slabs_used)
+        .sum::<u64>()
+        * slab_size;
     for id in ids {
         cluster.free_region(id)?;
     }

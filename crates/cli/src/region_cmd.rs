@@ -56,6 +56,26 @@ pub enum RegionCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Move one slab of a region to another server (rebalancing, draining a server).
+    Move {
+        /// Region name.
+        name: String,
+        /// Index of the slab in the region (see `remora region show`).
+        #[arg(long)]
+        slab: u64,
+        /// Destination server address (default: chosen by placement).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show where each slab of a region lives.
+    Show {
+        /// Region name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Free a region.
     Rm {
         /// Region name.
@@ -163,6 +183,52 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
         RegionCmd::List { client } => {
             let c = client.connect()?;
             print_regions(&c.list_regions()?);
+            Ok(())
+        }
+        RegionCmd::Move {
+            name,
+            slab,
+            to,
+            client,
+        } => {
+            let c = client.connect()?;
+            let r = c
+                .open_region(&name)
+                .with_context(|| format!("opening region {name:?}"))?;
+            let from = r
+                .map()
+                .slabs
+                .get(slab as usize)
+                .map(|s| s.addr.clone())
+                .unwrap_or_default();
+            let m = c
+                .move_slab(r.id(), slab, to.as_deref())
+                .with_context(|| format!("moving slab {slab} of region {name:?}"))?;
+            let dest = &m.slabs[slab as usize].addr;
+            println!(
+                "moved slab {slab} of {name} from {from} to {dest} (map version {})",
+                m.version
+            );
+            Ok(())
+        }
+        RegionCmd::Show { name, client } => {
+            let c = client.connect()?;
+            let r = c
+                .open_region(&name)
+                .with_context(|| format!("opening region {name:?}"))?;
+            let m = r.map();
+            println!(
+                "region {name} (id {}): {}, {} slabs of {}, map version {}",
+                m.id,
+                Bytes(m.size),
+                m.slabs.len(),
+                Bytes(m.slab_size),
+                m.version
+            );
+            println!("{:>6} {:>14} {:<22}", "SLAB", "OFFSET", "SERVER");
+            for (i, s) in m.slabs.iter().enumerate() {
+                println!("{:>6} {:>14} {:<22}", i, i as u64 * m.slab_size, s.addr);
+            }
             Ok(())
         }
         RegionCmd::Rm { name, client } => {

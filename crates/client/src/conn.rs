@@ -32,6 +32,9 @@ use remora_proto::VERSION;
 
 use crate::ClientError;
 
+/// Receives the kind and payload of a waiter's own reply.
+type Sink<'a> = &'a mut dyn FnMut(u16, &[u8]);
+
 /// How long a reader blocks in one `read` before re-checking deadlines.
 const READ_TICK: Duration = Duration::from_millis(20);
 
@@ -311,7 +314,7 @@ impl Conn {
     /// returns once that reply has been handed to `sink` (straight from the
     /// receive buffer) or has otherwise completed; with `None` (the driver),
     /// returns once no future waits. Also returns on connection failure.
-    fn lead(&self, mut own: Option<(u64, &mut dyn FnMut(u16, &[u8]))>) {
+    fn lead(&self, mut own: Option<(u64, Sink<'_>)>) {
         let own_id = own.as_ref().map(|(id, _)| *id);
         let mut r = self.reader.lock();
         loop {

@@ -122,9 +122,15 @@ pub enum ClientError {
 
 impl ClientError {
     pub(crate) fn net(addr: &str, source: NetError) -> Self {
-        ClientError::Server {
-            addr: addr.to_string(),
-            source: Arc::new(source),
+        match source {
+            NetError::Timeout { timeout, .. } => ClientError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            },
+            source => ClientError::Server {
+                addr: addr.to_string(),
+                source: Arc::new(source),
+            },
         }
     }
 
@@ -160,6 +166,9 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// Deadline of each connection attempt.
     pub connect_timeout: Duration,
+    /// Deadline of each controller request (allocating a large region takes
+    /// one control round trip per slab on the servers).
+    pub control_timeout: Duration,
     /// Delay added to every received reply (fabric emulation).
     pub inject_latency: Duration,
     /// Largest piece one read or write request carries; bigger ones are split.
@@ -173,6 +182,7 @@ impl Default for ClientOptions {
         ClientOptions {
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            control_timeout: Duration::from_secs(60),
             inject_latency: Duration::ZERO,
             max_io: 1 << 20,
             retries: 3,
@@ -286,6 +296,21 @@ impl Cluster {
         }
     }
 
+    /// Moves slab `index` of region `id` to the server at `to` (or one chosen
+    /// by placement); returns the new map. Clients using the region pause
+    /// briefly while the slab is copied and then follow it.
+    pub fn move_slab(&self, id: u64, index: u64, to: Option<&str>) -> Result<RegionMap> {
+        let req = CtlRequest::MoveSlab {
+            region: id,
+            index,
+            to: to.map(str::to_string),
+        };
+        match self.inner.ctl_call(&req, false)? {
+            CtlReply::Region(m) => Ok(m),
+            other => Err(unexpected(&self.inner.controller, &other)),
+        }
+    }
+
     /// Cluster status: servers, tenants and regions visible to this tenant.
     pub fn status(&self) -> Result<ClusterStatus> {
         match self.inner.ctl_call(&CtlRequest::Status, true)? {
@@ -315,6 +340,7 @@ impl Inner {
             LatencyInjector::default(),
         )
         .map_err(e)?;
+        c.set_timeout(self.opts.control_timeout);
         let hello = CtlRequest::ClientHello {
             version: VERSION,
             token: self.token.clone(),

@@ -48,6 +48,17 @@ impl From<ClientError> for Attempt {
     }
 }
 
+/// When a request that may have reached a server can be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Always (reads, writes: applying twice is harmless).
+    Idempotent,
+    /// Only if the server refused it before applying anything.
+    Atomic,
+    /// Never (a batch with atomics may have been applied in part).
+    Never,
+}
+
 fn unsent(err: ClientError) -> Attempt {
     Attempt { err, sent: false }
 }
@@ -146,25 +157,57 @@ impl Region {
     }
 
     /// Runs `op` against the current map, refreshing the map or reconnecting
-    /// and trying again when that can help. Requests that may have reached
-    /// the server are retried only if `idempotent`.
+    /// and trying again when that can help. A request that may have reached
+    /// the server is retried only if `policy` allows it.
     fn retrying<T>(
         &self,
-        idempotent: bool,
+        policy: Retry,
         mut op: impl FnMut(&RegionMap) -> Result<T, Attempt>,
     ) -> Result<T> {
         let mut attempt = 0;
+        let mut frozen_wait = Duration::from_millis(1);
+        let started = std::time::Instant::now();
         loop {
             let map = self.map.read().clone();
             let Attempt { err, sent } = match op(&map) {
                 Ok(v) => return Ok(v),
                 Err(a) => a,
             };
-            attempt += 1;
-            if attempt > self.inner.opts.retries || (sent && !idempotent) {
+            let code = err.code();
+            // Codes with which the server refuses before applying anything.
+            let refused = matches!(
+                code,
+                Some(
+                    ErrorCode::UnknownSlab
+                        | ErrorCode::BadCapability
+                        | ErrorCode::SlabFrozen
+                        | ErrorCode::NotReady
+                )
+            );
+            let may = !sent
+                || match policy {
+                    Retry::Idempotent => true,
+                    Retry::Atomic => refused,
+                    Retry::Never => false,
+                };
+            if !may {
                 return Err(err);
             }
-            match err.code() {
+            if code == Some(ErrorCode::SlabFrozen) {
+                // A slab is being moved: wait for the new map.
+                if started.elapsed() > self.inner.opts.request_timeout {
+                    return Err(err);
+                }
+                std::thread::sleep(frozen_wait);
+                frozen_wait = (frozen_wait * 2).min(Duration::from_millis(50));
+                self.refresh()?;
+                continue;
+            }
+            attempt += 1;
+            if attempt > self.inner.opts.retries {
+                return Err(err);
+            }
+            match code {
                 Some(ErrorCode::UnknownSlab | ErrorCode::BadCapability) => {
                     self.refresh()?;
                     if self.version() == map.version {
@@ -259,7 +302,7 @@ impl Region {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.retrying(true, |map| {
+        self.retrying(Retry::Idempotent, |map| {
             let parts = self.start_read(map, offset, buf.len())?;
             wait_all(parts, |p, k, d| fill(p, k, d, buf))
         })
@@ -267,7 +310,7 @@ impl Region {
 
     /// Writes `data` at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.retrying(true, |map| {
+        self.retrying(Retry::Idempotent, |map| {
             let parts = self.start_write(map, offset, data)?;
             wait_all(parts, expect_done)
         })
@@ -276,7 +319,7 @@ impl Region {
     /// Atomically sets the 8-byte word at `offset` to `new` if it equals
     /// `expected`; returns the previous value (equal to `expected` on success).
     pub fn compare_and_swap(&self, offset: u64, expected: u64, new: u64) -> Result<u64> {
-        self.retrying(false, |map| {
+        self.retrying(Retry::Atomic, |map| {
             let parts = self.start_atomic(map, offset, |at| Request::Cas { at, expected, new })?;
             let mut v = 0;
             wait_all(parts, |p, k, d| value(p, k, d, &mut v))?;
@@ -286,7 +329,7 @@ impl Region {
 
     /// Atomically adds `delta` (wrapping) to the 8-byte word at `offset`; returns the previous value.
     pub fn fetch_add(&self, offset: u64, delta: u64) -> Result<u64> {
-        self.retrying(false, |map| {
+        self.retrying(Retry::Atomic, |map| {
             let parts = self.start_atomic(map, offset, |at| Request::Faa { at, delta })?;
             let mut v = 0;
             wait_all(parts, |p, k, d| value(p, k, d, &mut v))?;
@@ -710,7 +753,12 @@ impl Batch<'_> {
             .ops
             .iter()
             .all(|o| matches!(o, BatchOp::Read { .. } | BatchOp::Write { .. }));
-        self.region.retrying(idempotent, |map| self.run(map))
+        let policy = if idempotent {
+            Retry::Idempotent
+        } else {
+            Retry::Never
+        };
+        self.region.retrying(policy, |map| self.run(map))
     }
 
     fn run<'m>(&self, map: &'m RegionMap) -> Result<Vec<BatchResult>, Attempt> {

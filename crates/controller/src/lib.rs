@@ -41,6 +41,9 @@ pub use config::ControllerConfig;
 use placement::Candidate;
 use store::{MetaStore, StoredRegion, StoredTenant};
 
+/// Deadline of a burst of control operations on a memory server.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Largest region, in slabs, one allocation may ask for.
 pub const MAX_REGION_SLABS: u64 = 1 << 22;
 
@@ -102,6 +105,8 @@ struct State {
     regions: BTreeMap<u64, StoredRegion>,
     /// (tenant, name) → region id; `0` while an allocation is in progress.
     names: HashMap<(String, String), u64>,
+    /// Slabs being moved.
+    moving: std::collections::HashSet<u64>,
     next_region: u64,
     next_slab: u64,
     rng: rand::rngs::StdRng,
@@ -145,6 +150,7 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         by_token: HashMap::new(),
         regions: BTreeMap::new(),
         names: HashMap::new(),
+        moving: Default::default(),
         next_region: snap.next_region,
         next_slab: snap.next_slab,
         rng: rand::SeedableRng::from_entropy(),
@@ -484,6 +490,9 @@ impl Inner {
                 ))
             }
             CtlRequest::Status => Ok(CtlReply::Status(self.status(tenant))),
+            CtlRequest::MoveSlab { region, index, to } => self
+                .move_slab(tenant, region, index, to)
+                .map(CtlReply::Region),
             other => Err((
                 ErrorCode::NotAuthorized,
                 format!("clients may not send {other:?}"),
@@ -643,21 +652,27 @@ impl Inner {
             version: 1,
             slabs: plan,
         };
-        // Create the slabs outside the lock.
-        let mut created = Vec::new();
-        let mut failure = None;
+        // Create the slabs outside the lock, one pipelined burst per server.
+        let mut by_server: BTreeMap<u64, Vec<&SlabLoc>> = BTreeMap::new();
         for loc in &map.slabs {
-            match self.admin_call(
-                loc.server_id,
-                &Request::CreateSlab {
-                    slab: loc.slab,
-                    key: loc.key,
-                },
-            ) {
-                Ok(()) => created.push(loc.clone()),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
+            by_server.entry(loc.server_id).or_default().push(loc);
+        }
+        let mut created: Vec<SlabLoc> = Vec::new();
+        let mut failure = None;
+        for (sid, locs) in &by_server {
+            let reqs: Vec<Request<'_>> = locs
+                .iter()
+                .map(|l| Request::CreateSlab {
+                    slab: l.slab,
+                    key: l.key,
+                })
+                .collect();
+            for (l, r) in locs.iter().zip(self.admin_calls(*sid, &reqs)) {
+                match r {
+                    Ok(()) => created.push((*l).clone()),
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -677,9 +692,7 @@ impl Inner {
         let mut st = self.state.lock();
         if let Some((code, msg)) = failure {
             drop(st);
-            for loc in &created {
-                let _ = self.admin_call(loc.server_id, &Request::DropSlab { slab: loc.slab });
-            }
+            self.drop_slabs(&created);
             let mut st = self.state.lock();
             self.release(&mut st, &stored);
             return Err((code, format!("allocating region: {msg}")));
@@ -729,26 +742,215 @@ impl Inner {
             self.release(&mut st, &r);
             r
         };
-        for loc in &r.map.slabs {
-            if let Err((code, msg)) =
-                self.admin_call(loc.server_id, &Request::DropSlab { slab: loc.slab })
-            {
-                debug!("dropping slab {} on {}: {code}: {msg}", loc.slab, loc.addr);
-            }
-        }
+        self.drop_slabs(&r.map.slabs);
         info!("tenant {tenant:?} freed region {region}");
         Ok(())
     }
 
+    /// Moves slab `index` of a region to another server: create the new
+    /// slab, have the source freeze and copy its slab there, switch the map
+    /// (version + 1, persisted), drop the old slab. Clients that hit the
+    /// frozen or dropped slab refresh their map and retry.
+    fn move_slab(
+        &self,
+        tenant: &str,
+        region: u64,
+        index: u64,
+        to: Option<String>,
+    ) -> Result<RegionMap, Failure> {
+        let (src, dest, dest_server) = {
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            let admin = st.tenants.get(tenant).is_some_and(|t| t.t.admin);
+            let r = match st.regions.get(&region) {
+                Some(r) if r.tenant == tenant || admin => r,
+                _ => return Err((ErrorCode::RegionNotFound, format!("no region {region}"))),
+            };
+            let Some(src) = r.map.slabs.get(index as usize).cloned() else {
+                return Err((
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "region {region} has {} slabs, no slab {index}",
+                        r.map.slabs.len()
+                    ),
+                ));
+            };
+            if !st.moving.insert(src.slab) {
+                return Err((
+                    ErrorCode::InvalidArgument,
+                    format!("slab {index} of region {region} is already moving"),
+                ));
+            }
+            let pick = match &to {
+                Some(addr) => st
+                    .servers
+                    .iter()
+                    .find(|(_, s)| &s.addr == addr && s.alive)
+                    .map(|(id, s)| (*id, s.free()))
+                    .filter(|(id, free)| *id != src.server_id && *free > 0)
+                    .map(|(id, _)| id),
+                None => {
+                    let cands: Vec<Candidate> = st
+                        .servers
+                        .iter()
+                        .filter(|(id, s)| s.alive && **id != src.server_id)
+                        .map(|(id, s)| Candidate {
+                            id: *id,
+                            free: s.free(),
+                        })
+                        .collect();
+                    placement::place(&cands, 1, self.cfg.placement, &mut st.rng)
+                        .and_then(|v| v.first().copied())
+                }
+            };
+            let Some(dest_server) = pick else {
+                st.moving.remove(&src.slab);
+                return Err((
+                    ErrorCode::InsufficientCapacity,
+                    match &to {
+                        Some(a) => format!(
+                            "{a} is not a live server other than the slab's, with a free slab"
+                        ),
+                        None => "no other live server has a free slab".to_string(),
+                    },
+                ));
+            };
+            let slab = st.next_slab;
+            st.next_slab += 1;
+            let mut key: u64 = st.rng.gen();
+            if key == 0 {
+                key = 1;
+            }
+            let Some(s) = st.servers.get_mut(&dest_server) else {
+                st.moving.remove(&src.slab);
+                return Err((ErrorCode::Internal, "server vanished".into()));
+            };
+            s.assigned += 1;
+            let dest = SlabLoc {
+                server_id: dest_server,
+                addr: s.addr.clone(),
+                slab,
+                key,
+            };
+            (src, dest, dest_server)
+        };
+        let undo = |thaw: bool, drop_dest: bool| {
+            if thaw {
+                let _ = self.admin_call(src.server_id, &Request::ThawSlab { slab: src.slab });
+            }
+            if drop_dest {
+                let _ = self.admin_call(dest_server, &Request::DropSlab { slab: dest.slab });
+            }
+            let mut st = self.state.lock();
+            if let Some(s) = st.servers.get_mut(&dest_server) {
+                s.assigned = s.assigned.saturating_sub(1);
+            }
+            st.moving.remove(&src.slab);
+        };
+        if let Err((code, msg)) = self.admin_call(
+            dest_server,
+            &Request::CreateSlab {
+                slab: dest.slab,
+                key: dest.key,
+            },
+        ) {
+            undo(false, false);
+            return Err((code, format!("moving slab: {msg}")));
+        }
+        let copy = Request::CopySlab {
+            slab: src.slab,
+            dest_slab: dest.slab,
+            dest_key: dest.key,
+            dest_addr: &dest.addr,
+        };
+        if let Err((code, msg)) = self.admin_call(src.server_id, &copy) {
+            undo(true, true);
+            return Err((code, format!("moving slab: {msg}")));
+        }
+        // Switch the map.
+        let switched = {
+            let mut guard = self.state.lock();
+            let st = &mut *guard;
+            let (nr, ns) = (st.next_region, st.next_slab);
+            match st.regions.get_mut(&region) {
+                None => Err((
+                    ErrorCode::RegionNotFound,
+                    format!("region {region} was freed during the move"),
+                )),
+                Some(r) => {
+                    let mut next = r.clone();
+                    next.map.slabs[index as usize] = dest.clone();
+                    next.map.version += 1;
+                    match self.store.put_region(&next, nr, ns) {
+                        Ok(()) => {
+                            *r = next;
+                            if let Some(s) = st.servers.get_mut(&src.server_id) {
+                                s.assigned = s.assigned.saturating_sub(1);
+                            }
+                            st.moving.remove(&src.slab);
+                            Ok(r.map.clone())
+                        }
+                        Err(e) => Err((ErrorCode::Internal, e.to_string())),
+                    }
+                }
+            }
+        };
+        match switched {
+            Ok(map) => {
+                let _ = self.admin_call(src.server_id, &Request::DropSlab { slab: src.slab });
+                info!(
+                    "moved slab {index} of region {region} from {} to {} (map version {})",
+                    src.addr, dest.addr, map.version
+                );
+                Ok(map)
+            }
+            Err(e) => {
+                undo(true, true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops slabs on their servers (best effort: a dead server has lost them anyway).
+    fn drop_slabs(&self, slabs: &[SlabLoc]) {
+        let mut by_server: BTreeMap<u64, Vec<Request<'_>>> = BTreeMap::new();
+        for l in slabs {
+            by_server
+                .entry(l.server_id)
+                .or_default()
+                .push(Request::DropSlab { slab: l.slab });
+        }
+        for (sid, reqs) in by_server {
+            for r in self.admin_calls(sid, &reqs) {
+                if let Err((code, msg)) = r {
+                    debug!("dropping a slab on server {sid:016x}: {code}: {msg}");
+                }
+            }
+        }
+    }
+
     /// Sends a control operation to a server over a cached admin connection.
     fn admin_call(&self, server_id: u64, req: &Request<'_>) -> Result<(), Failure> {
+        self.admin_calls(server_id, std::slice::from_ref(req))
+            .pop()
+            .unwrap_or_else(|| Err((ErrorCode::Internal, "no reply".into())))
+    }
+
+    /// Sends control operations to one server, pipelined in bursts; one
+    /// result per request, in order.
+    fn admin_calls(&self, server_id: u64, reqs: &[Request<'_>]) -> Vec<Result<(), Failure>> {
+        let all = |e: Failure| reqs.iter().map(|_| Err(e.clone())).collect::<Vec<_>>();
         let (addr, key) = {
             let st = self.state.lock();
-            let s = st.servers.get(&server_id).ok_or((
-                ErrorCode::ServerUnavailable,
-                format!("server {server_id:016x} is gone"),
-            ))?;
-            (s.addr.clone(), s.admin_key)
+            match st.servers.get(&server_id) {
+                Some(s) => (s.addr.clone(), s.admin_key),
+                None => {
+                    return all((
+                        ErrorCode::ServerUnavailable,
+                        format!("server {server_id:016x} is gone"),
+                    ))
+                }
+            }
         };
         let slot = self
             .admin_conns
@@ -760,45 +962,60 @@ impl Inner {
         let unavailable =
             |e: NetError| (ErrorCode::ServerUnavailable, format!("server {addr}: {e}"));
         if conn.is_none() {
-            let mut c = RpcConn::connect(
+            let connected = RpcConn::connect(
                 &TcpTransport,
                 &addr,
                 Duration::from_secs(2),
                 LatencyInjector::default(),
             )
-            .map_err(unavailable)?;
-            let f = c
-                .call(|b, id| data::hello(b, id, key))
-                .map_err(unavailable)?;
-            match data::decode_reply(f.kind, &f.payload) {
-                Ok(Reply::HelloOk { .. }) => {}
-                other => {
-                    return Err((
-                        ErrorCode::ServerUnavailable,
-                        format!("server {addr}: handshake: {other:?}"),
-                    ))
-                }
+            .and_then(|mut c| {
+                c.set_timeout(ADMIN_TIMEOUT);
+                let f = c.call(|b, id| data::hello(b, id, key))?;
+                Ok((c, f))
+            });
+            match connected {
+                Ok((c, f)) => match data::decode_reply(f.kind, &f.payload) {
+                    Ok(Reply::HelloOk { .. }) => *conn = Some(c),
+                    other => {
+                        return all((
+                            ErrorCode::ServerUnavailable,
+                            format!("server {addr}: handshake: {other:?}"),
+                        ))
+                    }
+                },
+                Err(e) => return all(unavailable(e)),
             }
-            *conn = Some(c);
         }
         let Some(c) = conn.as_mut() else {
-            return Err((ErrorCode::Internal, "no admin connection".into()));
+            return all((ErrorCode::Internal, "no admin connection".into()));
         };
-        let f = match c.call(|b, id| data::encode_request(b, id, req)) {
-            Ok(f) => f,
-            Err(e) => {
-                *conn = None;
-                return Err(unavailable(e));
+        let mut out = Vec::with_capacity(reqs.len());
+        for burst in reqs.chunks(1024) {
+            let frames = match c.call_pipelined(burst.len(), |b, i, id| {
+                data::encode_request(b, id, &burst[i])
+            }) {
+                Ok(f) => f,
+                Err(e) => {
+                    *conn = None;
+                    let e = unavailable(e);
+                    out.extend(reqs[out.len()..].iter().map(|_| Err(e.clone())));
+                    return out;
+                }
+            };
+            for f in frames {
+                out.push(match data::decode_reply(f.kind, &f.payload) {
+                    Ok(Reply::Done) => Ok(()),
+                    Ok(Reply::Error { code, message }) => {
+                        Err((code, format!("server {addr}: {message}")))
+                    }
+                    other => Err((
+                        ErrorCode::Internal,
+                        format!("server {addr}: unexpected {other:?}"),
+                    )),
+                });
             }
-        };
-        match data::decode_reply(f.kind, &f.payload) {
-            Ok(Reply::Done) => Ok(()),
-            Ok(Reply::Error { code, message }) => Err((code, format!("server {addr}: {message}"))),
-            other => Err((
-                ErrorCode::Internal,
-                format!("server {addr}: unexpected {other:?}"),
-            )),
         }
+        out
     }
 }
 

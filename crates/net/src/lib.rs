@@ -305,6 +305,7 @@ impl FramedReader {
 
     /// Blocks until a whole frame arrives (or `deadline` passes) and returns it owned.
     pub fn next_owned(&mut self, deadline: Option<Instant>) -> Result<OwnedFrame, NetError> {
+        let start = Instant::now();
         loop {
             if let Some(f) = self.try_frame()? {
                 let f = OwnedFrame::from_raw(f);
@@ -316,7 +317,7 @@ impl FramedReader {
                 if now >= d {
                     return Err(NetError::Timeout {
                         addr: self.peer.clone(),
-                        timeout: Duration::ZERO,
+                        timeout: d.saturating_duration_since(start),
                     });
                 }
                 let _ = self.stream.set_read_timeout(Some(d - now));
@@ -362,6 +363,58 @@ impl RpcConn {
     /// The peer address.
     pub fn peer(&self) -> &str {
         self.reader.peer()
+    }
+
+    /// Sets the deadline of each call (initially the connect timeout).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Sends `n` frames (`encode(buf, i, id)` appends the `i`-th) in one
+    /// write and waits for all their replies, returned in request order.
+    /// The caller keeps `n` small enough that the replies fit in the
+    /// socket buffers (a few thousand small frames).
+    pub fn call_pipelined(
+        &mut self,
+        n: usize,
+        mut encode: impl FnMut(&mut Vec<u8>, usize, u64),
+    ) -> Result<Vec<OwnedFrame>, NetError> {
+        let first = self.next_id;
+        self.next_id += n as u64;
+        self.buf.clear();
+        for i in 0..n {
+            encode(&mut self.buf, i, first + i as u64);
+        }
+        self.writer
+            .write_all(&self.buf)
+            .map_err(|source| NetError::Io {
+                op: "write to",
+                addr: self.reader.peer().to_string(),
+                source,
+            })?;
+        let deadline = Instant::now() + self.timeout;
+        let mut out: Vec<Option<OwnedFrame>> = vec![None; n];
+        let mut got = 0;
+        while got < n {
+            let f = self
+                .reader
+                .next_owned(Some(deadline))
+                .map_err(|e| match e {
+                    NetError::Timeout { addr, .. } => NetError::Timeout {
+                        addr,
+                        timeout: self.timeout,
+                    },
+                    e => e,
+                })?;
+            if f.id >= first && f.id < first + n as u64 {
+                let slot = &mut out[(f.id - first) as usize];
+                if slot.is_none() {
+                    got += 1;
+                }
+                *slot = Some(f);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// Sends the frame that `encode(buf, id)` appends and waits for the reply with that id.

@@ -76,6 +76,16 @@ pub enum CtlRequest {
     List,
     /// Cluster status: servers, tenants, the caller's regions.
     Status,
+    /// Move one slab of a region to another server (for rebalancing and
+    /// reclamation). Writes to the slab pause while it is copied.
+    MoveSlab {
+        /// Region id.
+        region: u64,
+        /// Index of the slab in the region map.
+        index: u64,
+        /// Destination server address (`None`: chosen by placement).
+        to: Option<String>,
+    },
 }
 
 /// A reply from the controller.

@@ -29,6 +29,8 @@ pub mod op {
     pub const COPY_SLAB: u16 = 0x12;
     /// Server statistics.
     pub const STATS: u16 = 0x13;
+    /// Control (admin only): let a frozen slab take writes again.
+    pub const THAW_SLAB: u16 = 0x14;
 }
 
 /// Frame kinds of replies from a memory server.
@@ -117,7 +119,14 @@ pub enum Request<'a> {
         /// Slab id.
         slab: u64,
     },
-    /// Copy a whole slab to `dest_slab` (capability `dest_key`) on the server at `dest_addr`.
+    /// Let a slab frozen by a copy take writes again (after a failed move).
+    ThawSlab {
+        /// Slab id.
+        slab: u64,
+    },
+    /// Freeze a slab (data operations refused from now on), then copy it
+    /// whole to `dest_slab` (capability `dest_key`) on the server at
+    /// `dest_addr`. The source stays frozen.
     CopySlab {
         /// Source slab (on this server).
         slab: u64,
@@ -288,6 +297,7 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
             key: c.u64()?,
         },
         op::DROP_SLAB => Request::DropSlab { slab: c.u64()? },
+        op::THAW_SLAB => Request::ThawSlab { slab: c.u64()? },
         op::COPY_SLAB => {
             let slab = c.u64()?;
             let dest_slab = c.u64()?;
@@ -350,6 +360,10 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
         }
         Request::DropSlab { slab } => {
             put_header(out, id, op::DROP_SLAB, 8);
+            out.extend_from_slice(&slab.to_le_bytes());
+        }
+        Request::ThawSlab { slab } => {
+            put_header(out, id, op::THAW_SLAB, 8);
             out.extend_from_slice(&slab.to_le_bytes());
         }
         Request::CopySlab {
@@ -859,6 +873,7 @@ mod tests {
                 Request::Faa { at, delta: a },
                 Request::CreateSlab { slab: a, key: b },
                 Request::DropSlab { slab: a },
+                Request::ThawSlab { slab: b },
                 Request::CopySlab { slab: a, dest_slab: b, dest_key: a ^ b, dest_addr: "127.0.0.1:99" },
                 Request::Stats,
             ];

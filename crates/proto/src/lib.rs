@@ -117,6 +117,9 @@ error_codes! {
     HandshakeRequired = 12,
     /// The server has not registered with a controller yet.
     NotReady = 13,
+    /// The slab is being moved: the operation was refused (not applied);
+    /// refresh the region map and retry.
+    SlabFrozen = 14,
     /// Unknown or missing tenant token.
     Unauthenticated = 20,
     /// The allocation would exceed the tenant's quota.
@@ -151,6 +154,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Internal => "internal error",
             ErrorCode::HandshakeRequired => "handshake required",
             ErrorCode::NotReady => "server not ready",
+            ErrorCode::SlabFrozen => "slab is being moved",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::QuotaExceeded => "quota exceeded",
             ErrorCode::RegionNotFound => "region not found",

@@ -535,6 +535,21 @@ fn handle(
                 }
             }
         }
+        Request::ThawSlab { slab } => {
+            if !st.admin {
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::NotAuthorized,
+                    "thaw slab needs the admin key",
+                );
+            } else {
+                match pool.set_frozen(slab, false) {
+                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
+                    Err(code) => put_error(out, id, code, &format!("thaw slab {slab}: {code}")),
+                }
+            }
+        }
         Request::CopySlab {
             slab,
             dest_slab,
@@ -577,6 +592,8 @@ fn copy_slab(
     dest_key: u64,
     buf: &mut Vec<u8>,
 ) -> Result<(), (ErrorCode, String)> {
+    pool.set_frozen(slab, true)
+        .map_err(|c| (c, format!("copy slab {slab}: {c}")))?;
     let unavailable = |e: NetError| {
         (
             ErrorCode::ServerUnavailable,

@@ -23,7 +23,14 @@ use remora_proto::ErrorCode;
 #[derive(Debug)]
 struct Slab {
     key: u64,
-    data: RwLock<Box<[u8]>>,
+    data: RwLock<SlabData>,
+}
+
+/// A slab's bytes, and whether it is frozen (being moved).
+#[derive(Debug)]
+struct SlabData {
+    bytes: Box<[u8]>,
+    frozen: bool,
 }
 
 /// Counters shared by all connections.
@@ -95,7 +102,10 @@ impl SlabPool {
             id,
             Slab {
                 key,
-                data: RwLock::new(data),
+                data: RwLock::new(SlabData {
+                    bytes: data,
+                    frozen: false,
+                }),
             },
         );
         Ok(())
@@ -136,6 +146,10 @@ impl SlabPool {
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
         let r = self.range(slab, at, len as u64)?;
         let data = slab.data.read();
+        if data.frozen {
+            return Err(ErrorCode::SlabFrozen);
+        }
+        let data = &data.bytes;
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_read
@@ -148,7 +162,11 @@ impl SlabPool {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
         let r = self.range(slab, at, bytes.len() as u64)?;
-        slab.data.write()[r].copy_from_slice(bytes);
+        let mut data = slab.data.write();
+        if data.frozen {
+            return Err(ErrorCode::SlabFrozen);
+        }
+        data.bytes[r].copy_from_slice(bytes);
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
@@ -164,7 +182,10 @@ impl SlabPool {
             return Err(ErrorCode::Unaligned);
         }
         let mut data = slab.data.write();
-        let word = &mut data[r];
+        if data.frozen {
+            return Err(ErrorCode::SlabFrozen);
+        }
+        let word = &mut data.bytes[r];
         let mut b = [0u8; 8];
         b.copy_from_slice(word);
         let old = u64::from_le_bytes(b);
@@ -200,7 +221,18 @@ impl SlabPool {
         };
         let r = self.range(slab, &at, len as u64)?;
         out.clear();
-        out.extend_from_slice(&slab.data.read()[r]);
+        out.extend_from_slice(&slab.data.read().bytes[r]);
+        Ok(())
+    }
+
+    /// Freezes or thaws slab `id`. A frozen slab refuses every data
+    /// operation with [`ErrorCode::SlabFrozen`] (nothing applied; only slab
+    /// copies read it), so that no client sees or changes it while it moves;
+    /// freezing waits for operations already inside the slab.
+    pub fn set_frozen(&self, id: u64, frozen: bool) -> Result<(), ErrorCode> {
+        let t = self.slabs.read();
+        let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
+        slab.data.write().frozen = frozen;
         Ok(())
     }
 
@@ -256,6 +288,19 @@ mod tests {
         assert!(p
             .read(&at(2, 102, 0), 4096, |b| b.iter().all(|&x| x == 0))
             .unwrap());
+        p.set_frozen(2, true).unwrap();
+        assert_eq!(p.write(&at(2, 102, 0), b"x"), Err(ErrorCode::SlabFrozen));
+        assert_eq!(p.faa(&at(2, 102, 0), 1), Err(ErrorCode::SlabFrozen));
+        assert_eq!(
+            p.read(&at(2, 102, 0), 1, |b| b[0]),
+            Err(ErrorCode::SlabFrozen)
+        );
+        let mut out = Vec::new();
+        p.read_admin(2, 0, &mut out, 4).unwrap();
+        assert_eq!(out, [0; 4]);
+        p.set_frozen(2, false).unwrap();
+        p.write(&at(2, 102, 0), b"x").unwrap();
+        assert_eq!(p.set_frozen(77, true), Err(ErrorCode::UnknownSlab));
         p.drop_slab(1).unwrap();
         assert_eq!(p.drop_slab(1), Err(ErrorCode::UnknownSlab));
         p.create(9, 1).unwrap();
