@@ -38,7 +38,7 @@ use remora_proto::{ErrorCode, VERSION};
 
 pub use region::{Batch, BatchResult, OpFuture, ReadFuture, Region};
 pub use remora_proto::ctl::{ClusterStatus as Status, RegionInfo as RegionSummary};
-pub use sync::{FarBarrier, FarMutex, FarMutexGuard};
+pub use sync::{FarBarrier, FarMutex, FarMutexGuard, FarWords};
 
 use conn::Conn;
 
