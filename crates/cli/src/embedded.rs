@@ -3,6 +3,7 @@
 //! lets other `remora` commands on this machine find them.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -183,7 +184,10 @@ impl Embedded {
         let pid = std::process::id().to_string();
         let spawn = |name: &str, args: Vec<String>| -> Result<(String, Child)> {
             let mut c = Command::new(&exe);
-            c.args(&args)
+            // Own process group: a terminal's Ctrl-C reaches `remora up`
+            // alone, which then stops the children in order.
+            c.process_group(0)
+                .args(&args)
                 .args(["--exit-with-parent", &pid])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -303,6 +307,7 @@ impl Drop for Helper {
 pub fn spawn_announcing(name: &str, args: &[String]) -> Result<Helper> {
     let exe = std::env::current_exe().context("locating the remora binary")?;
     let mut child = Command::new(exe)
+        .process_group(0)
         .args(args)
         .args(["--exit-with-parent", &std::process::id().to_string()])
         .stdin(Stdio::null())

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -107,6 +108,7 @@ fn commands_without_a_cluster_say_how_to_get_one() {
 fn up_starts_a_cluster_that_other_commands_find_and_stops_on_ctrl_c() {
     let home = tempfile::tempdir().unwrap();
     let mut up = Command::new(common::exe())
+        .process_group(0)
         .args([
             "up",
             "--servers",
@@ -197,6 +199,21 @@ fn up_starts_a_cluster_that_other_commands_find_and_stops_on_ctrl_c() {
         "{stdout}"
     );
     assert!(!file.exists(), "cluster file left behind");
+    // The controller and servers are gone too.
+    let addrs: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.trim_start().starts_with("server ") || l.trim_start().starts_with("controller ")
+        })
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(addrs.len(), 3, "{stdout}");
+    for a in addrs {
+        assert!(
+            std::net::TcpStream::connect(a).is_err(),
+            "{a} still accepts connections"
+        );
+    }
     let e = run_err(remora(&["status"]));
     assert!(e.contains("remora up"), "{e}");
 }
