@@ -181,6 +181,12 @@ impl Embedded {
             }
         };
         let quiet = std::env::var_os("RUST_LOG").is_none();
+        // Only this cluster's servers may join its controller.
+        let secret = format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        );
         let pid = std::process::id().to_string();
         let spawn = |name: &str, args: Vec<String>| -> Result<(String, Child)> {
             let mut c = Command::new(&exe);
@@ -195,6 +201,9 @@ impl Embedded {
             if quiet {
                 c.env("RUST_LOG", "warn");
             }
+            c.env("REMORA_CLUSTER_SECRET", &secret)
+                .env_remove("REMORA_TOKEN")
+                .env_remove("REMORA_CONTROLLER");
             let child = c.spawn().with_context(|| format!("starting {name}"))?;
             Ok((name.to_string(), child))
         };

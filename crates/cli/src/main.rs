@@ -105,6 +105,12 @@ struct ServerArgs {
     /// Largest frame accepted.
     #[arg(long, default_value = "16MiB", value_parser = size_arg)]
     max_frame: u64,
+    /// Most client connections served at once.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Secret to present to the controller when registering.
+    #[arg(long, env = "REMORA_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -131,8 +137,11 @@ struct ControllerArgs {
     #[arg(long, value_parser = duration_arg)]
     heartbeat_interval: Option<Duration>,
     /// Add an unlimited admin tenant "default" with this token.
-    #[arg(long, env = "REMORA_TOKEN")]
+    #[arg(long, env = "REMORA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Secret memory servers must present to register.
+    #[arg(long, env = "REMORA_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
 }
 
 /// How client commands find the cluster.
@@ -142,7 +151,7 @@ pub struct ClientArgs {
     #[arg(long, env = "REMORA_CONTROLLER")]
     controller: Option<String>,
     /// Tenant token (default: the cluster `remora up` started).
-    #[arg(long, env = "REMORA_TOKEN")]
+    #[arg(long, env = "REMORA_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Delay added to every received reply (e.g. 5us).
     #[arg(long, value_parser = duration_arg)]
@@ -277,6 +286,8 @@ fn server(a: ServerArgs) -> Result<()> {
         capacity: a.capacity,
         inject_latency: a.inject_latency.unwrap_or_default(),
         max_frame,
+        max_connections: a.max_connections,
+        cluster_secret: a.cluster_secret,
     })?;
     announce("server", h.addr());
     park_forever()
@@ -305,7 +316,17 @@ fn controller(a: ControllerArgs) -> Result<()> {
     if let Some(v) = a.heartbeat_interval {
         cfg.heartbeat_interval = v;
     }
+    if let Some(v) = a.cluster_secret {
+        cfg.cluster_secret = Some(v);
+    }
     if let Some(t) = a.token {
+        if cfg
+            .tenants
+            .iter()
+            .any(|x| x.name == "default" && x.token != t)
+        {
+            bail!("--token (or REMORA_TOKEN) conflicts with the tenant \"default\" of the config file");
+        }
         if !cfg.tenants.iter().any(|x| x.token == t) {
             cfg.tenants.push(remora_controller::store::StoredTenant {
                 name: "default".into(),

@@ -441,3 +441,105 @@ fn dead_server_is_detected_and_avoided() {
     assert!(e.is_unavailable(), "{e}");
     assert!(e.to_string().contains(&victim_addr), "{e}");
 }
+
+#[test]
+fn only_servers_with_the_cluster_secret_join_and_ids_cannot_be_hijacked() {
+    let mut tc = TestCluster::start(Opts {
+        servers: 2,
+        secret: Some("s3cret"),
+        ..Opts::default()
+    });
+    // A server with the wrong secret (or none) never joins.
+    tc.add_server(&["--cluster-secret", "wrong"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let st = tc.client().status().unwrap();
+    assert_eq!(st.servers.len(), 2, "{:?}", st.servers);
+    // A raw Register without the secret is refused.
+    let mut g = Raw::connect(&tc.controller_addr);
+    let mut b = Vec::new();
+    let reg = remora_proto::ctl::CtlRequest::Register {
+        version: remora_proto::VERSION,
+        server_id: st.servers[0].id,
+        addr: "127.0.0.1:9".into(),
+        admin_key: 1,
+        capacity: u64::MAX,
+        secret: None,
+    };
+    remora_proto::ctl::encode(&mut b, 1, remora_proto::ctl::CTL_REQUEST, &reg);
+    g.send(&b);
+    match g.recv() {
+        Got::Reply(1, _, p) => assert!(matches!(
+            remora_proto::ctl::decode_reply(&p).unwrap(),
+            remora_proto::ctl::CtlReply::Error {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }
+        )),
+        _ => panic!("no reply"),
+    }
+    // Even with the secret, a live server's id cannot move to another address.
+    let reg = remora_proto::ctl::CtlRequest::Register {
+        version: remora_proto::VERSION,
+        server_id: st.servers[0].id,
+        addr: "127.0.0.1:9".into(),
+        admin_key: 1,
+        capacity: u64::MAX,
+        secret: Some("s3cret".into()),
+    };
+    let mut b = Vec::new();
+    remora_proto::ctl::encode(&mut b, 2, remora_proto::ctl::CTL_REQUEST, &reg);
+    g.send(&b);
+    match g.recv() {
+        Got::Reply(2, _, p) => assert!(matches!(
+            remora_proto::ctl::decode_reply(&p).unwrap(),
+            remora_proto::ctl::CtlReply::Error {
+                code: ErrorCode::InvalidArgument,
+                ..
+            }
+        )),
+        _ => panic!("no reply"),
+    }
+    let after = tc.client().status().unwrap();
+    let ids = |v: &[remora_proto::ctl::ServerInfo]| {
+        v.iter().map(|s| (s.id, s.addr.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&after.servers), ids(&st.servers));
+    // The cluster still works.
+    let r = tc.client().alloc_region(1 << 20).unwrap();
+    r.write(0, b"ok").unwrap();
+}
+
+#[test]
+fn a_frame_header_alone_cannot_make_a_daemon_allocate() {
+    let tc = TestCluster::start(Opts {
+        servers: 1,
+        ..Opts::default()
+    });
+    // Before the handshake only small frames are accepted.
+    let mut g = Raw::connect(&tc.servers[0].addr);
+    g.send(&[0xf0, 0xff, 0xff, 0x00]);
+    g.expect_error(ErrorCode::FrameTooLarge);
+    g.expect_closed_eventually();
+    // After it, a claimed 15 MiB frame is buffered only as bytes arrive:
+    // many connections each claiming one cost the server nothing.
+    let mut conns = Vec::new();
+    for _ in 0..200 {
+        let mut g = Raw::connect(&tc.servers[0].addr);
+        g.hello(0);
+        g.send(&[0xf0, 0xff, 0xef, 0x00]);
+        conns.push(g);
+    }
+    let r = tc.client().alloc_region(4096).unwrap();
+    r.write(0, b"fine").unwrap();
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", tc.servers[0].pid())).unwrap();
+    let kb: u64 = rss
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        kb < 200 * 1024,
+        "server RSS {kb} KiB after 200 claimed frames"
+    );
+}

@@ -255,3 +255,31 @@ fn slabs_move_between_servers_under_load_without_losing_a_write() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn one_thread_sending_large_reads_then_large_writes_does_not_deadlock() {
+    let tc = TestCluster::start(Opts {
+        servers: 1,
+        capacity: "80MiB",
+        slab: "1MiB",
+        ..Opts::default()
+    });
+    let c = tc.client();
+    let r = c.alloc_region(64 << 20).unwrap();
+    let half = 32usize << 20;
+    let data = Rng(21).bytes(half);
+    r.write(0, &data).unwrap();
+    // Both halves on the one server: the server's 32 MiB of read replies
+    // fill the socket while this thread is still sending 32 MiB of writes.
+    let res = r
+        .batch()
+        .read(0, half)
+        .write(half as u64, &data)
+        .execute()
+        .unwrap();
+    assert!(matches!(&res[0], remora_client::BatchResult::Data(d) if *d == data));
+    // The same with a future that nobody polls while the writes go out.
+    let pending = r.read_async(half as u64, half);
+    r.write(0, &data[..half / 2]).unwrap();
+    assert!(pending.wait().unwrap() == data);
+}

@@ -66,6 +66,8 @@ pub(crate) struct Conn {
     cond: Condvar,
     reader: Mutex<FramedReader>,
     writer: Mutex<Writer>,
+    /// A handle to close the socket without taking any lock.
+    shutdown: Box<dyn Stream>,
     next_id: AtomicU64,
     driver_started: AtomicBool,
     timeout: Duration,
@@ -111,6 +113,12 @@ impl Conn {
             })
         })?;
         let f = r.next_owned(Some(Instant::now() + timeout)).map_err(net)?;
+        // The handshake wait changed the read timeout; readers need the tick.
+        r.stream().set_read_timeout(Some(READ_TICK)).map_err(io)?;
+        // A blocked write returns now and then so the writer can read
+        // replies the server is waiting to send (see `submit`).
+        w.set_write_timeout(Some(READ_TICK)).map_err(io)?;
+        let shutdown = w.try_clone_stream().map_err(io)?;
         let max_frame = match data::decode_reply(f.kind, &f.payload) {
             Ok(Reply::HelloOk {
                 version, max_frame, ..
@@ -140,6 +148,7 @@ impl Conn {
             cond: Condvar::new(),
             reader: Mutex::new(r),
             writer: Mutex::new(Writer { stream: w, buf }),
+            shutdown,
             next_id: AtomicU64::new(1),
             driver_started: AtomicBool::new(false),
             timeout,
@@ -191,7 +200,7 @@ impl Conn {
                     ),
                 });
             }
-            w.stream.write_all(&w.buf)
+            self.write_draining(w)
         };
         if let Err(source) = res {
             let e = ClientError::net(
@@ -207,6 +216,81 @@ impl Conn {
             return Err(e);
         }
         Ok(id)
+    }
+
+    /// Writes the whole buffer. When the socket stays full, the server may
+    /// be blocked writing replies that nobody reads (one thread sending
+    /// large reads and then large writes, say): so between attempts this
+    /// thread reads and delivers replies itself if nobody else is reading.
+    fn write_draining(&self, w: &mut Writer) -> std::io::Result<()> {
+        let started = Instant::now();
+        let mut pos = 0;
+        while pos < w.buf.len() {
+            match w.stream.write(&w.buf[pos..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => pos += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if started.elapsed() > self.timeout {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("server accepted no data for {:?}", self.timeout),
+                        ));
+                    }
+                    self.drain_once();
+                    if self.is_dead() {
+                        return Err(std::io::ErrorKind::BrokenPipe.into());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads once and delivers what arrived, if no other thread is reading.
+    fn drain_once(&self) {
+        {
+            let mut st = self.state.lock();
+            if st.reading || st.dead.is_some() {
+                return;
+            }
+            st.reading = true;
+        }
+        let mut r = self.reader.lock();
+        let mut failure = None;
+        match r.fill() {
+            Ok(_) => loop {
+                match r.try_frame() {
+                    Ok(Some(f)) => {
+                        let frame = OwnedFrame {
+                            id: f.id,
+                            kind: f.kind,
+                            payload: f.payload.to_vec(),
+                        };
+                        r.consume();
+                        self.deliver(frame);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            },
+            Err(e) => failure = Some(e),
+        }
+        drop(r);
+        if let Some(e) = failure {
+            self.fail_all(ClientError::net(&self.addr, e));
+        }
+        self.state.lock().reading = false;
+        self.cond.notify_all();
     }
 
     /// Marks the connection dead and completes every pending slot with `e`.
@@ -225,7 +309,7 @@ impl Conn {
         }
         st.async_waiters = 0;
         drop(st);
-        let _ = self.reader.try_lock().map(|r| r.stream().shutdown());
+        let _ = self.shutdown.shutdown();
         self.cond.notify_all();
     }
 
@@ -389,10 +473,15 @@ impl Conn {
                     }
                 }
             }
-            if let Err(source) = r.fill() {
-                drop(r);
-                self.fail_all(ClientError::net(&self.addr, source));
-                return;
+            match r.fill() {
+                Ok(true) => {}
+                // An idle tick: expire futures whose deadline passed.
+                Ok(false) => self.expire_due(&mut self.state.lock()),
+                Err(source) => {
+                    drop(r);
+                    self.fail_all(ClientError::net(&self.addr, source));
+                    return;
+                }
             }
         }
     }

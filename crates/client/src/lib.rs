@@ -198,15 +198,21 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+/// Where the connection to one server lives; locked while connecting.
+type ConnSlot = Arc<Mutex<Option<Arc<Conn>>>>;
+
 #[derive(Debug)]
 pub(crate) struct Inner {
-    controller: String,
+    pub(crate) controller: String,
     token: String,
     tenant: String,
     pub(crate) opts: ClientOptions,
     transport: Arc<dyn Transport>,
-    ctl: Mutex<Option<RpcConn>>,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Idle controller connections (one per concurrent control call).
+    ctl: Mutex<Vec<RpcConn>>,
+    /// One slot per server address; a slot's lock is held while connecting
+    /// to that server only.
+    conns: Mutex<HashMap<String, ConnSlot>>,
 }
 
 impl Cluster {
@@ -223,12 +229,12 @@ impl Cluster {
             tenant: String::new(),
             opts,
             transport: Arc::new(TcpTransport),
-            ctl: Mutex::new(None),
+            ctl: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),
         };
         let (conn, tenant) = inner.ctl_connect()?;
         inner.tenant = tenant;
-        *inner.ctl.get_mut() = Some(conn);
+        inner.ctl.get_mut().push(conn);
         Ok(Cluster {
             inner: Arc::new(inner),
         })
@@ -259,7 +265,7 @@ impl Cluster {
             .inner
             .ctl_call(&CtlRequest::Alloc { size, name }, false)?
         {
-            CtlReply::Region(map) => Ok(Region::new(self.inner.clone(), map)),
+            CtlReply::Region(map) => Region::new(self.inner.clone(), map),
             other => Err(unexpected(&self.inner.controller, &other)),
         }
     }
@@ -272,7 +278,7 @@ impl Cluster {
             },
             true,
         )? {
-            CtlReply::Region(map) => Ok(Region::new(self.inner.clone(), map)),
+            CtlReply::Region(map) => Region::new(self.inner.clone(), map),
             other => Err(unexpected(&self.inner.controller, &other)),
         }
     }
@@ -354,21 +360,31 @@ impl Inner {
         }
     }
 
-    /// Sends a control request, reconnecting first if the connection broke.
+    /// Sends a control request on an idle controller connection (a new one
+    /// if none is idle, so a slow request never holds up another).
     /// `retry`: the request is safe to resend after a failure mid-call.
     fn ctl_call(&self, req: &CtlRequest, retry: bool) -> Result<CtlReply> {
-        let mut guard = self.ctl.lock();
         let mut attempts = if retry { 2 } else { 1 };
         loop {
             attempts -= 1;
-            if guard.is_none() {
-                *guard = Some(self.ctl_connect()?.0);
-            }
-            let Some(c) = guard.as_mut() else { continue };
+            let idle = self.ctl.lock().pop();
+            let mut c = match idle {
+                Some(c) => c,
+                None => self.ctl_connect()?.0,
+            };
             match c.call(|b, id| ctl::encode(b, id, ctl::CTL_REQUEST, req)) {
-                Ok(f) => return decode_ctl(&self.controller, &f),
+                Ok(f) => {
+                    let mut pool = self.ctl.lock();
+                    if pool.len() < 4 {
+                        pool.push(c);
+                    }
+                    drop(pool);
+                    return decode_ctl(&self.controller, &f);
+                }
                 Err(e) => {
-                    *guard = None;
+                    // Broken or timed out: drop it, and the idle ones with
+                    // it (they reach the same, possibly restarted, controller).
+                    self.ctl.lock().clear();
                     if attempts == 0 {
                         return Err(ClientError::Controller {
                             addr: self.controller.clone(),
@@ -387,10 +403,18 @@ impl Inner {
         }
     }
 
-    /// The pooled connection to `addr`, (re)connecting if needed.
+    /// The pooled connection to `addr`, (re)connecting if needed. Only
+    /// callers of the same server wait for a connection attempt.
     pub(crate) fn conn(&self, addr: &str) -> Result<Arc<Conn>> {
-        let mut pool = self.conns.lock();
-        if let Some(c) = pool.get(addr) {
+        let slot = {
+            let mut pool = self.conns.lock();
+            match pool.get(addr) {
+                Some(s) => s.clone(),
+                None => pool.entry(addr.to_string()).or_default().clone(),
+            }
+        };
+        let mut slot = slot.lock();
+        if let Some(c) = slot.as_ref() {
             if !c.is_dead() {
                 return Ok(c.clone());
             }
@@ -402,15 +426,19 @@ impl Inner {
             self.opts.request_timeout,
             LatencyInjector::new(self.opts.inject_latency),
         )?;
-        pool.insert(addr.to_string(), c.clone());
+        *slot = Some(c.clone());
         Ok(c)
     }
 
     /// Drops a broken connection so the next use reconnects.
     pub(crate) fn forget_conn(&self, addr: &str) {
-        let mut pool = self.conns.lock();
-        if pool.get(addr).is_some_and(|c| c.is_dead()) {
-            pool.remove(addr);
+        let slot = self.conns.lock().get(addr).cloned();
+        if let Some(slot) = slot {
+            if let Some(mut s) = slot.try_lock() {
+                if s.as_ref().is_some_and(|c| c.is_dead()) {
+                    *s = None;
+                }
+            }
         }
     }
 }

@@ -64,12 +64,13 @@ fn unsent(err: ClientError) -> Attempt {
 }
 
 impl Region {
-    pub(crate) fn new(inner: Arc<Inner>, map: RegionMap) -> Self {
-        Region {
+    pub(crate) fn new(inner: Arc<Inner>, map: RegionMap) -> Result<Self> {
+        validate(&inner, &map)?;
+        Ok(Region {
             inner,
             id: map.id,
             map: RwLock::new(Arc::new(map)),
-        }
+        })
     }
 
     /// Region id.
@@ -105,6 +106,7 @@ impl Region {
     /// Fetches the current map from the controller.
     pub fn refresh(&self) -> Result<()> {
         let m = self.inner.get_map(self.id)?;
+        validate(&self.inner, &m)?;
         *self.map.write() = Arc::new(m);
         Ok(())
     }
@@ -419,6 +421,24 @@ impl Region {
     }
 }
 
+/// Checks that a map from the controller covers its region exactly, so that
+/// offset arithmetic on it can neither divide by zero nor index past it.
+fn validate(inner: &Inner, m: &RegionMap) -> Result<()> {
+    if m.slab_size == 0 || m.slabs.len() as u64 != m.size.div_ceil(m.slab_size) {
+        return Err(ClientError::Protocol {
+            addr: inner.controller.clone(),
+            detail: format!(
+                "region {} map has {} slabs of {} bytes for {} bytes",
+                m.id,
+                m.slabs.len(),
+                m.slab_size,
+                m.size
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn abandon(parts: &[Part]) {
     for p in parts {
         p.conn.abandon(p.id);
@@ -703,8 +723,9 @@ pub struct Batch<'r> {
     ops: Vec<BatchOp>,
 }
 
-/// Where one sub-operation's result goes: (operation index, byte offset in it).
-type Dest = (usize, usize);
+/// Where one sub-operation's result goes: (operation index, byte offset in
+/// it, bytes expected).
+type Dest = (usize, usize, usize);
 
 /// A batch frame being built: sub-operations, their destinations, reply bytes so far.
 type PendingFrame = (BatchBuilder, Vec<Dest>, usize);
@@ -792,7 +813,12 @@ impl Batch<'_> {
                     results.push(BatchResult::Data(vec![0; *len]));
                     r.pieces(map, *off, *len as u64, |slab, so, n, buf_off| {
                         let (at, addr) = Region::target(map, slab, so);
-                        push(addr, SubOp::Read { at, len: n as u32 }, (i, buf_off), n + 8);
+                        push(
+                            addr,
+                            SubOp::Read { at, len: n as u32 },
+                            (i, buf_off, n),
+                            n + 8,
+                        );
                         Ok(())
                     })?;
                 }
@@ -806,7 +832,7 @@ impl Batch<'_> {
                                 at,
                                 data: &data[buf_off..buf_off + n],
                             },
-                            (i, buf_off),
+                            (i, buf_off, n),
                             4,
                         );
                         Ok(())
@@ -832,7 +858,7 @@ impl Batch<'_> {
                         BatchOp::Faa { delta, .. } => SubOp::Faa { at, delta: *delta },
                         _ => unreachable!("only atomics reach this arm"),
                     };
-                    push(addr, sub, (i, 0), 12);
+                    push(addr, sub, (i, 0, 8), 12);
                 }
             }
         }
@@ -873,10 +899,10 @@ impl Batch<'_> {
                             "batch reply has the wrong number of results",
                         ));
                     }
-                    for (sub, (op, at)) in br.iter().zip(dests) {
+                    for (sub, (op, at, want)) in br.iter().zip(dests) {
                         match (sub, &mut results[op]) {
                             (Ok(SubResult::Data(d)), BatchResult::Data(buf))
-                                if at + d.len() <= buf.len() =>
+                                if d.len() == want && at + d.len() <= buf.len() =>
                             {
                                 buf[at..at + d.len()].copy_from_slice(d)
                             }

@@ -7,6 +7,7 @@
 //! placement = "p2c"            # or "least-loaded"
 //! heartbeat_interval = "200ms"
 //! dead_after = "2s"
+//! cluster_secret = "..."         # servers must present it to register
 //!
 //! [[tenants]]
 //! name = "analytics"
@@ -44,6 +45,9 @@ pub struct ControllerConfig {
     pub dead_after: Duration,
     /// Tenants to create or update at start.
     pub tenants: Vec<StoredTenant>,
+    /// Secret memory servers must present to register (`None`: any server
+    /// that can reach the controller may join; set one in production).
+    pub cluster_secret: Option<String>,
 }
 
 impl Default for ControllerConfig {
@@ -56,6 +60,7 @@ impl Default for ControllerConfig {
             heartbeat_interval: Duration::from_millis(200),
             dead_after: Duration::from_secs(2),
             tenants: Vec::new(),
+            cluster_secret: None,
         }
     }
 }
@@ -69,6 +74,7 @@ struct File {
     placement: Option<String>,
     heartbeat_interval: Option<String>,
     dead_after: Option<String>,
+    cluster_secret: Option<String>,
     #[serde(default)]
     tenants: Vec<FileTenant>,
 }
@@ -117,6 +123,9 @@ impl ControllerConfig {
         }
         if let Some(v) = f.dead_after {
             self.dead_after = remora_net::parse_duration(&v).map_err(e)?;
+        }
+        if let Some(v) = f.cluster_secret {
+            self.cluster_secret = Some(v);
         }
         for t in f.tenants {
             let quota = match t.quota {

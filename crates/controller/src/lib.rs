@@ -335,7 +335,7 @@ fn valid_name(n: &str) -> bool {
 }
 
 impl Inner {
-    fn handle(&self, role: &mut Role, req: CtlRequest) -> CtlReply {
+    fn handle(self: &Arc<Self>, role: &mut Role, req: CtlRequest) -> CtlReply {
         match (&*role, req) {
             (_, CtlRequest::ClientHello { version, token }) => {
                 if version != VERSION {
@@ -361,6 +361,7 @@ impl Inner {
                     addr,
                     admin_key,
                     capacity,
+                    secret,
                 },
             ) => {
                 if version != VERSION {
@@ -369,7 +370,17 @@ impl Inner {
                         format!("controller speaks version {VERSION}, server {version}"),
                     );
                 }
-                self.register(server_id, addr, admin_key, capacity);
+                if let Some(want) = &self.cfg.cluster_secret {
+                    if secret.as_deref() != Some(want.as_str()) {
+                        return fail(
+                            ErrorCode::Unauthenticated,
+                            "wrong or missing cluster secret",
+                        );
+                    }
+                }
+                if let Err(msg) = self.register(server_id, addr, admin_key, capacity) {
+                    return fail(ErrorCode::InvalidArgument, msg);
+                }
                 *role = Role::Server(server_id);
                 CtlReply::Registered {
                     slab_size: self.cfg.slab_size,
@@ -395,8 +406,12 @@ impl Inner {
                         }
                         s.last_seen = Instant::now();
                         s.alive = true;
-                        s.slabs_used = slabs_used;
-                        s.slabs_total = slabs_total;
+                        // The total was fixed at registration; a report can
+                        // only say how much of it is in use.
+                        s.slabs_used = slabs_used.min(s.slabs_total);
+                        if slabs_total != s.slabs_total {
+                            debug!("server {server_id:016x} reports {slabs_total} slabs, registered with {}", s.slabs_total);
+                        }
                         CtlReply::Ack
                     }
                     None => fail(ErrorCode::UnknownServer, "register again"),
@@ -417,14 +432,38 @@ impl Inner {
         }
     }
 
-    fn register(&self, id: u64, addr: String, admin_key: u64, capacity: u64) {
+    fn register(
+        self: &Arc<Self>,
+        id: u64,
+        addr: String,
+        admin_key: u64,
+        capacity: u64,
+    ) -> Result<(), String> {
         let mut st = self.state.lock();
+        let slabs_total = capacity / self.cfg.slab_size;
+        if let Some(s) = st.servers.get_mut(&id) {
+            // The same server again (its controller connection dropped):
+            // keep its accounting, including reservations in flight.
+            if s.addr != addr && s.alive {
+                return Err(format!(
+                    "server id {id:016x} is already registered at {}",
+                    s.addr
+                ));
+            }
+            s.addr = addr;
+            s.admin_key = admin_key;
+            s.last_seen = Instant::now();
+            s.alive = true;
+            drop(st);
+            self.admin_conns.lock().remove(&id);
+            return Ok(());
+        }
         // A new process at the address of a known server replaces it: the
         // old one's slabs are gone with it.
         let stale: Vec<u64> = st
             .servers
             .iter()
-            .filter(|(sid, s)| **sid != id && s.addr == addr)
+            .filter(|(_, s)| s.addr == addr)
             .map(|(sid, _)| *sid)
             .collect();
         for s in stale {
@@ -432,13 +471,16 @@ impl Inner {
             st.servers.remove(&s);
             self.admin_conns.lock().remove(&s);
         }
-        let assigned = st
+        // First registration with this controller: its slabs are those of
+        // the committed region maps.
+        let slabs: Vec<u64> = st
             .regions
             .values()
             .flat_map(|r| r.map.slabs.iter())
             .filter(|s| s.server_id == id)
-            .count() as u64;
-        let slabs_total = capacity / self.cfg.slab_size;
+            .map(|s| s.slab)
+            .collect();
+        let assigned = slabs.len() as u64;
         info!("server {id:016x} registered at {addr}: {slabs_total} slabs");
         st.servers.insert(
             id,
@@ -453,7 +495,35 @@ impl Inner {
                 alive: true,
             },
         );
-        self.admin_conns.lock().remove(&id);
+        if !slabs.is_empty() {
+            // A previous controller may have died in the middle of moving
+            // one of these slabs, leaving it frozen on the server. Every
+            // slab of a committed map must serve, so thaw them all (a no-op
+            // for the others); moves of them wait until this is done.
+            for s in &slabs {
+                st.moving.insert(*s);
+            }
+            drop(st);
+            let me = self.clone();
+            std::thread::spawn(move || {
+                let reqs: Vec<Request<'_>> = slabs
+                    .iter()
+                    .map(|&slab| Request::ThawSlab { slab })
+                    .collect();
+                for r in me.admin_calls(id, &reqs) {
+                    if let Err((code, msg)) = r {
+                        if code != ErrorCode::UnknownSlab {
+                            warn!("reconciling server {id:016x}: {code}: {msg}");
+                        }
+                    }
+                }
+                let mut st = me.state.lock();
+                for s in &slabs {
+                    st.moving.remove(s);
+                }
+            });
+        }
+        Ok(())
     }
 
     fn client_request(&self, tenant: &str, req: CtlRequest) -> Result<CtlReply, Failure> {
@@ -671,6 +741,11 @@ impl Inner {
                 match r {
                     Ok(()) => created.push((*l).clone()),
                     Err(e) => {
+                        // The server may have created it before the
+                        // connection failed: drop it on rollback too.
+                        if e.0 == ErrorCode::ServerUnavailable {
+                            created.push((*l).clone());
+                        }
                         failure.get_or_insert(e);
                     }
                 }
@@ -854,7 +929,8 @@ impl Inner {
                 key: dest.key,
             },
         ) {
-            undo(false, false);
+            // Outcome unknown on a connection failure: drop it to be sure.
+            undo(false, code == ErrorCode::ServerUnavailable);
             return Err((code, format!("moving slab: {msg}")));
         }
         let copy = Request::CopySlab {

@@ -59,7 +59,9 @@ pub fn place(
     policy: Policy,
     rng: &mut impl Rng,
 ) -> Option<Vec<u64>> {
-    let total: u64 = candidates.iter().map(|c| c.free).sum();
+    let total = candidates
+        .iter()
+        .fold(0u64, |a, c| a.saturating_add(c.free));
     if total < n {
         return None;
     }

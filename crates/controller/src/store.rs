@@ -52,6 +52,21 @@ pub struct Snapshot {
     pub next_slab: u64,
 }
 
+impl Snapshot {
+    /// Makes the counters larger than every id in use, so no id is ever
+    /// handed out twice whatever the stored counters say.
+    pub fn fix_counters(&mut self) {
+        for (id, r) in &self.regions {
+            self.next_region = self.next_region.max(id + 1);
+            for l in &r.map.slabs {
+                self.next_slab = self.next_slab.max(l.slab + 1);
+            }
+        }
+        self.next_region = self.next_region.max(1);
+        self.next_slab = self.next_slab.max(1);
+    }
+}
+
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 #[error("metadata store: {0}")]
@@ -126,6 +141,7 @@ impl MetaStore for RedbStore {
         let c = r.open_table(COUNTERS).map_err(err)?;
         s.next_region = c.get("next_region").map_err(err)?.map_or(1, |v| v.value());
         s.next_slab = c.get("next_slab").map_err(err)?.map_or(1, |v| v.value());
+        s.fix_counters();
         Ok(s)
     }
 
@@ -152,9 +168,13 @@ impl MetaStore for RedbStore {
                 .map_err(err)?
                 .insert(r.map.id, bytes.as_slice())
                 .map_err(err)?;
+            // Counters only grow, whatever order concurrent commits land in.
             let mut c = w.open_table(COUNTERS).map_err(err)?;
-            c.insert("next_region", next_region).map_err(err)?;
-            c.insert("next_slab", next_slab).map_err(err)?;
+            let cur_r = c.get("next_region").map_err(err)?.map_or(0, |v| v.value());
+            let cur_s = c.get("next_slab").map_err(err)?.map_or(0, |v| v.value());
+            c.insert("next_region", next_region.max(cur_r))
+                .map_err(err)?;
+            c.insert("next_slab", next_slab.max(cur_s)).map_err(err)?;
         }
         w.commit().map_err(err)
     }
@@ -178,8 +198,7 @@ pub struct MemStore {
 impl MetaStore for MemStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let mut s = self.s.lock().clone();
-        s.next_region = s.next_region.max(1);
-        s.next_slab = s.next_slab.max(1);
+        s.fix_counters();
         Ok(s)
     }
 
@@ -196,8 +215,8 @@ impl MetaStore for MemStore {
     ) -> Result<(), StoreError> {
         let mut s = self.s.lock();
         s.regions.insert(r.map.id, r.clone());
-        s.next_region = next_region;
-        s.next_slab = next_slab;
+        s.next_region = s.next_region.max(next_region);
+        s.next_slab = s.next_slab.max(next_slab);
         Ok(())
     }
 
@@ -239,6 +258,8 @@ mod tests {
             .unwrap();
             s.put_region(&region(1), 2, 7).unwrap();
             s.put_region(&region(2), 3, 9).unwrap();
+            // A late commit of an earlier allocation does not move counters back.
+            s.put_region(&region(1), 2, 7).unwrap();
             s.delete_region(1).unwrap();
         }
         let s = RedbStore::open(dir.path()).unwrap();
@@ -247,5 +268,20 @@ mod tests {
         assert_eq!(snap.regions.len(), 1);
         assert_eq!(snap.regions[&2], region(2));
         assert_eq!((snap.next_region, snap.next_slab), (3, 9));
+    }
+
+    #[test]
+    fn counters_exceed_every_stored_id() {
+        let s = MemStore::default();
+        let mut r = region(40);
+        r.map.slabs.push(remora_proto::ctl::SlabLoc {
+            server_id: 1,
+            addr: "a".into(),
+            slab: 99,
+            key: 1,
+        });
+        s.put_region(&r, 2, 3).unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!((snap.next_region, snap.next_slab), (41, 100));
     }
 }

@@ -64,6 +64,8 @@ pub trait Stream: Read + Write + Send + Sync + std::fmt::Debug {
     fn try_clone_stream(&self) -> io::Result<Box<dyn Stream>>;
     /// Bounds how long a read may block (`None`: forever).
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    /// Bounds how long a write may block (`None`: forever).
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     /// Closes both directions; pending reads on other handles return.
     fn shutdown(&self) -> io::Result<()>;
 }
@@ -75,6 +77,10 @@ impl Stream for TcpStream {
 
     fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         TcpStream::set_read_timeout(self, t)
+    }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, t)
     }
 
     fn shutdown(&self) -> io::Result<()> {
@@ -236,15 +242,23 @@ impl FramedReader {
         &self.peer
     }
 
+    /// Changes the largest frame accepted (e.g. after a handshake).
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.dec.set_max_frame(max_frame);
+    }
+
     /// The underlying stream.
     pub fn stream(&self) -> &dyn Stream {
         &*self.stream
     }
 
     /// Reads once from the stream into the decoder. `Ok(false)` on timeout.
+    ///
+    /// The buffer grows with the bytes that actually arrive (at most 64 KiB
+    /// more per read), never to the size a frame header merely claims.
     pub fn fill(&mut self) -> Result<bool, NetError> {
-        let want = self.dec.needed().max(1);
-        let spare = self.dec.spare(want.max(16 << 10));
+        let want = self.dec.needed().clamp(16 << 10, 64 << 10);
+        let spare = self.dec.spare(want);
         match self.stream.read(spare) {
             Ok(0) => Err(NetError::Closed {
                 addr: self.peer.clone(),
@@ -396,6 +410,12 @@ impl RpcConn {
         let mut out: Vec<Option<OwnedFrame>> = vec![None; n];
         let mut got = 0;
         while got < n {
+            if Instant::now() >= deadline {
+                return Err(NetError::Timeout {
+                    addr: self.reader.peer().to_string(),
+                    timeout: self.timeout,
+                });
+            }
             let f = self
                 .reader
                 .next_owned(Some(deadline))

@@ -40,6 +40,8 @@ pub enum CtlRequest {
         admin_key: u64,
         /// Capacity in bytes.
         capacity: u64,
+        /// The cluster secret, if the controller requires one.
+        secret: Option<String>,
     },
     /// Periodic liveness and usage report from a server.
     Heartbeat {
@@ -262,7 +264,7 @@ mod tests {
             let reqs = vec![
                 CtlRequest::ClientHello { version: 1, token: "t".into() },
                 CtlRequest::Alloc { size, name: name.clone() },
-                CtlRequest::Register { version: 1, server_id: key, addr: "a:1".into(), admin_key: size, capacity: 3 },
+                CtlRequest::Register { version: 1, server_id: key, addr: "a:1".into(), admin_key: size, capacity: 3, secret: Some("s".into()) },
             ];
             for r in reqs {
                 let mut out = Vec::new();

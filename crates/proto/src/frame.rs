@@ -80,6 +80,11 @@ impl FrameDecoder {
         self.max_frame
     }
 
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame.max(HEADER_LEN as u32);
+    }
+
     /// Free space to read into; at least `min` bytes (grows the buffer if needed).
     pub fn spare(&mut self, min: usize) -> &mut [u8] {
         if self.start == self.end {

@@ -39,6 +39,13 @@ use tracing::{debug, info, warn};
 
 pub use pool::SlabPool;
 
+/// Smallest maximum frame a server may be configured with.
+pub const MIN_MAX_FRAME: u32 = 64 << 10;
+/// Largest frame accepted before the handshake.
+const PRE_HANDSHAKE_MAX_FRAME: u32 = 4096;
+/// How long a new connection may take to send its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Memory server configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -52,8 +59,12 @@ pub struct ServerConfig {
     pub capacity: u64,
     /// Delay added to every received message.
     pub inject_latency: Duration,
-    /// Largest frame accepted.
+    /// Largest frame accepted (at least 64 KiB).
     pub max_frame: u32,
+    /// Most connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Secret the controller requires from servers that register.
+    pub cluster_secret: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +76,8 @@ impl Default for ServerConfig {
             capacity: 1 << 30,
             inject_latency: Duration::ZERO,
             max_frame: DEFAULT_MAX_FRAME,
+            max_connections: 4096,
+            cluster_secret: None,
         }
     }
 }
@@ -122,7 +135,8 @@ impl ServerHandle {
 }
 
 /// Binds the listen address and starts the acceptor and registration threads.
-pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+pub fn start(mut cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+    cfg.max_frame = cfg.max_frame.max(MIN_MAX_FRAME);
     if cfg.capacity == 0 {
         return Err(ServerError::ZeroCapacity);
     }
@@ -183,11 +197,21 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     for s in listener.incoming() {
         match s {
             Ok(s) => {
+                if shared.connections.load(Ordering::Relaxed) >= shared.cfg.max_connections as u64 {
+                    // Over the limit: refuse by closing at once.
+                    debug!("refusing a connection: {} open", shared.cfg.max_connections);
+                    continue;
+                }
+                shared.connections.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("remora-conn".into())
-                    .spawn(move || serve(s, shared));
+                    .spawn({
+                        let shared = shared.clone();
+                        move || serve(s, shared)
+                    });
                 if let Err(e) = spawned {
+                    shared.connections.fetch_sub(1, Ordering::Relaxed);
                     warn!("cannot start a connection thread: {e}");
                 }
             }
@@ -241,6 +265,7 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
             addr: addr.to_string(),
             admin_key: shared.admin_key,
             capacity: shared.cfg.capacity,
+            secret: shared.cfg.cluster_secret.clone(),
         },
     )?;
     let (slab_size, hb) = match reply {
@@ -306,12 +331,14 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
         Ok(w) => w,
         Err(e) => {
             warn!("{peer}: {e}");
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
             return;
         }
     };
+    // Until the handshake: small frames only, and a deadline to send it.
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let boxed: Box<dyn Stream> = Box::new(stream);
-    let mut reader = FramedReader::new(boxed, &peer, shared.cfg.max_frame, shared.latency);
-    shared.connections.fetch_add(1, Ordering::Relaxed);
+    let mut reader = FramedReader::new(boxed, &peer, PRE_HANDSHAKE_MAX_FRAME, shared.latency);
     let mut st = ConnState {
         admin: false,
         greeted: false,
@@ -341,8 +368,13 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                     Err(e) => return Err(e),
                 };
                 let (id, kind) = (f.id, f.kind);
+                let was_greeted = st.greeted;
                 let keep = handle(&shared, &mut st, id, kind, f.payload, &mut out);
                 reader.consume();
+                if st.greeted && !was_greeted {
+                    reader.set_max_frame(shared.cfg.max_frame);
+                    let _ = reader.stream().set_read_timeout(None);
+                }
                 if !keep {
                     let _ = writer.write_all(&out);
                     return Ok(());
@@ -352,7 +384,10 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 }
             }
             flush(&mut writer, &mut out, &peer)?;
-            reader.fill()?;
+            if !reader.fill()? && !st.greeted {
+                debug!("{peer}: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                return Ok(());
+            }
         }
     })();
     shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -472,15 +507,17 @@ fn handle(
         },
         Request::Batch(ops) => {
             let mut w = BatchReplyWriter::begin(out, id);
-            let mut reply_bytes = 0usize;
+            // Reserve room for the count and for the largest non-data
+            // result of every sub-operation, so the reply always fits.
+            let mut reply_bytes = 4 + ops.len() as usize * 10;
             for sub in ops.iter() {
                 match sub {
                     Ok(SubOp::Read { at, len }) => {
-                        reply_bytes += len as usize + 6;
-                        if reply_bytes > max_reply {
+                        if reply_bytes + len as usize + 6 > max_reply {
                             w.error(out, ErrorCode::FrameTooLarge);
                             continue;
                         }
+                        reply_bytes += len as usize + 6;
                         let r = pool.read(&at, len, |bytes| {
                             w.data(out, bytes.len(), |d| d.copy_from_slice(bytes))
                         });

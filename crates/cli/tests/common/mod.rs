@@ -70,6 +70,7 @@ pub struct Opts {
     pub capacity: &'static str,
     pub slab: &'static str,
     pub server_args: Vec<String>,
+    pub secret: Option<&'static str>,
 }
 
 impl Default for Opts {
@@ -79,6 +80,7 @@ impl Default for Opts {
             capacity: "8MiB",
             slab: "64KiB",
             server_args: Vec::new(),
+            secret: None,
         }
     }
 }
@@ -101,6 +103,7 @@ impl TestCluster {
 slab_size = "{}"
 heartbeat_interval = "100ms"
 dead_after = "1s"
+{}
 [[tenants]]
 name = "default"
 token = "{TOKEN}"
@@ -110,7 +113,10 @@ name = "other"
 token = "{OTHER_TOKEN}"
 quota = "1MiB"
 "#,
-                opts.slab
+                opts.slab,
+                opts.secret
+                    .map(|s| format!("cluster_secret = \"{s}\""))
+                    .unwrap_or_default()
             ),
         )
         .expect("write config");
@@ -163,7 +169,13 @@ quota = "1MiB"
             "--capacity",
             self.opts.capacity,
         ];
-        let owned: Vec<String> = self.opts.server_args.clone();
+        let mut owned: Vec<String> = self.opts.server_args.clone();
+        if let Some(secret) = self.opts.secret {
+            if !extra.contains(&"--cluster-secret") {
+                owned.push("--cluster-secret".into());
+                owned.push(secret.into());
+            }
+        }
         args.extend(owned.iter().map(|s| s.as_str()));
         args.extend_from_slice(extra);
         self.servers.push(Proc::spawn(&args));
