@@ -90,6 +90,14 @@ impl Op {
     }
 }
 
+/// Rounds each measurement is split into (alternating raw and Remora).
+const ROUNDS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 fn percentiles(mut v: Vec<u64>) -> Latency {
     v.sort_unstable();
     let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize] as f64 / 1000.0;
@@ -114,10 +122,26 @@ pub fn run(cluster: &Cluster, opts: &MicroOptions, raw_addr: &str) -> Result<Rep
     let mut rows = Vec::new();
     for op in [Op::Read(64), Op::Write(64), Op::Read(4096), Op::Write(4096)] {
         let mut raw_client = raw.connect(opts.inject_latency)?;
-        let (raw_lat, raw_ops1) = raw_client.latency(op, opts.ops)?;
-        let raw_opsw = raw_client.pipelined(op, opts.ops, opts.window)?;
-        let (remora_lat, remora_ops1) = remora_latency(&region, op, opts.ops)?;
-        let remora_opsw = remora_pipelined(&region, op, opts.ops, opts.window)?;
+        // Alternate raw and Remora in rounds so that drift in the machine's
+        // load (it is shared) hits both sides alike.
+        let per = (opts.ops / ROUNDS).max(50);
+        let (mut raw_s, mut rem_s) = (Vec::new(), Vec::new());
+        let (mut raw_t, mut rem_t) = (0.0, 0.0);
+        let (mut raw_w, mut rem_w) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let (s, t) = raw_client.latency(op, per)?;
+            raw_s.extend(s);
+            raw_t += t;
+            let (s, t) = remora_latency(&region, op, per)?;
+            rem_s.extend(s);
+            rem_t += t;
+            raw_w.push(raw_client.pipelined(op, per, opts.window)?);
+            rem_w.push(remora_pipelined(&region, op, per, opts.window)?);
+        }
+        let total = (per * ROUNDS) as f64;
+        let (raw_lat, raw_ops1) = (percentiles(raw_s), total / raw_t);
+        let (remora_lat, remora_ops1) = (percentiles(rem_s), total / rem_t);
+        let (raw_opsw, remora_opsw) = (median(raw_w), median(rem_w));
         rows.push(Row {
             name: op.name(),
             raw_lat,
@@ -149,7 +173,8 @@ fn offsets(op: Op, n: usize) -> impl Iterator<Item = u64> {
     })
 }
 
-fn remora_latency(region: &Region, op: Op, ops: usize) -> Result<(Latency, f64)> {
+/// Latency samples (ns) of `ops` operations one at a time, and the seconds they took.
+fn remora_latency(region: &Region, op: Op, ops: usize) -> Result<(Vec<u64>, f64)> {
     let mut buf = vec![
         0u8;
         match op {
@@ -174,7 +199,7 @@ fn remora_latency(region: &Region, op: Op, ops: usize) -> Result<(Latency, f64)>
         lat.push(t.elapsed().as_nanos() as u64);
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok((percentiles(lat), ops as f64 / secs))
+    Ok((lat, secs))
 }
 
 fn remora_pipelined(region: &Region, op: Op, ops: usize, window: usize) -> Result<f64> {
@@ -318,7 +343,7 @@ impl RawClient {
         Ok(())
     }
 
-    fn latency(&mut self, op: Op, ops: usize) -> Result<(Latency, f64)> {
+    fn latency(&mut self, op: Op, ops: usize) -> Result<(Vec<u64>, f64)> {
         for _ in 0..ops / 10 {
             self.send(op)?;
             self.recv(op)?;
@@ -331,7 +356,7 @@ impl RawClient {
             self.recv(op)?;
             lat.push(t.elapsed().as_nanos() as u64);
         }
-        Ok((percentiles(lat), ops as f64 / start.elapsed().as_secs_f64()))
+        Ok((lat, start.elapsed().as_secs_f64()))
     }
 
     fn pipelined(&mut self, op: Op, ops: usize, window: usize) -> Result<f64> {

@@ -403,7 +403,6 @@ impl Conn {
         let mut r = self.reader.lock();
         loop {
             // Deliver everything buffered.
-            let mut delivered_own = false;
             loop {
                 let frame = match r.try_frame() {
                     Ok(Some(f)) if Some(f.id) == own_id => {
@@ -427,8 +426,10 @@ impl Conn {
                             }
                         }
                         r.consume();
-                        delivered_own = true;
-                        continue;
+                        // Leave later frames in the buffer: their owners
+                        // (often this same thread, next) read them there
+                        // without a copy.
+                        return;
                     }
                     Ok(Some(f)) => OwnedFrame {
                         id: f.id,
@@ -452,8 +453,7 @@ impl Conn {
                 }
                 match own_id {
                     Some(id) => {
-                        if delivered_own || !matches!(st.slots.get(&id), Some(Slot::Pending { .. }))
-                        {
+                        if !matches!(st.slots.get(&id), Some(Slot::Pending { .. })) {
                             return;
                         }
                     }
