@@ -22,12 +22,18 @@ use remora_net::LatencyInjector;
 /// Benchmark settings.
 #[derive(Debug, Clone)]
 pub struct MicroOptions {
+    /// Pid of the memory server process, to report the CPU it used.
+    pub server_pid: Option<u32>,
+    /// Client threads in the concurrent measurement.
+    pub clients: usize,
     /// Operations per measurement.
     pub ops: usize,
     /// Requests in flight in the pipelined measurements.
     pub window: usize,
     /// Delay injected on receipt, on both sides, for both raw and Remora.
     pub inject_latency: Duration,
+    /// Tenant token (the concurrent clients connect on their own).
+    pub token: String,
 }
 
 /// Latency percentiles in microseconds.
@@ -65,6 +71,22 @@ pub struct Report {
     pub opts: MicroOptions,
     /// One row per operation.
     pub rows: Vec<Row>,
+    /// Several clients at once.
+    pub concurrent: Concurrent,
+}
+
+/// Aggregate throughput of several clients, each with its own connection
+/// and `window` 4 KiB reads in flight.
+#[derive(Debug, Clone)]
+pub struct Concurrent {
+    /// Number of client threads.
+    pub clients: usize,
+    /// Raw TCP ops/s, all clients together.
+    pub raw_ops: f64,
+    /// Remora ops/s, all clients together.
+    pub remora_ops: f64,
+    /// CPU cores the memory server process used meanwhile (from /proc).
+    pub server_cores: Option<f64>,
 }
 
 #[derive(Clone, Copy)]
@@ -110,8 +132,9 @@ fn percentiles(mut v: Vec<u64>) -> Latency {
 /// Runs the benchmark on `cluster` (which should have one server for a fair
 /// comparison) against the raw server at `raw_addr` (see [`serve_raw`]).
 pub fn run(cluster: &Cluster, opts: &MicroOptions, raw_addr: &str) -> Result<Report> {
+    let name = format!("bench-micro-{:08x}", rand_u32());
     let region = cluster
-        .alloc_region(64 << 20)
+        .alloc_named(&name, 64 << 20)
         .context("allocating the benchmark region")?;
     region
         .write(0, &vec![0xA5; 64 << 20])
@@ -152,10 +175,107 @@ pub fn run(cluster: &Cluster, opts: &MicroOptions, raw_addr: &str) -> Result<Rep
             remora_opsw,
         });
     }
+    let concurrent = concurrent(cluster, &name, &raw, opts)?;
     cluster.free_region(region.id())?;
     Ok(Report {
         opts: opts.clone(),
         rows,
+        concurrent,
+    })
+}
+
+fn rand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id()
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+fn concurrent(
+    cluster: &Cluster,
+    name: &str,
+    raw: &RawServer,
+    opts: &MicroOptions,
+) -> Result<Concurrent> {
+    let clients = opts.clients.max(1);
+    let per = (opts.ops / clients).max(100);
+    let op = Op::Read(4096);
+    let run_raw = || -> Result<f64> {
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..clients)
+                .map(|_| {
+                    s.spawn(|| -> Result<()> {
+                        let mut c = raw.connect(opts.inject_latency)?;
+                        c.pipelined(op, per, opts.window)?;
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("raw client thread panicked"))??;
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok((clients * per) as f64 / start.elapsed().as_secs_f64())
+    };
+    let controller = cluster.controller().to_string();
+    let token = opts.token.clone();
+    let run_remora = || -> Result<(f64, Option<f64>)> {
+        // Each client its own cluster handle, hence its own connection.
+        let regions: Vec<Region> = (0..clients)
+            .map(|_| Cluster::connect(&controller, &token).and_then(|c| c.open_region(name)))
+            .collect::<Result<_, _>>()?;
+        let cpu0 = opts.server_pid.and_then(cpu_seconds);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = regions
+                .iter()
+                .map(|r| s.spawn(move || remora_pipelined(r, op, per, opts.window)))
+                .collect();
+            for h in hs {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        let secs = start.elapsed().as_secs_f64();
+        let cores = match (cpu0, opts.server_pid.and_then(cpu_seconds)) {
+            (Some(a), Some(b)) => Some((b - a) / secs),
+            _ => None,
+        };
+        Ok(((clients * per) as f64 / secs, cores))
+    };
+    let mut raw_v = Vec::new();
+    let mut rem_v = Vec::new();
+    let mut cores_v = Vec::new();
+    for _ in 0..3 {
+        raw_v.push(run_raw()?);
+        let (ops, cores) = run_remora()?;
+        rem_v.push(ops);
+        cores_v.extend(cores);
+    }
+    Ok(Concurrent {
+        clients,
+        raw_ops: median(raw_v),
+        remora_ops: median(rem_v),
+        server_cores: if cores_v.is_empty() {
+            None
+        } else {
+            Some(median(cores_v))
+        },
     })
 }
 
@@ -457,6 +577,20 @@ impl fmt::Display for Report {
                 r.remora_opsw / r.raw_opsw
             )?;
         }
+        writeln!(f)?;
+        let c = &self.concurrent;
+        writeln!(
+            f,
+            "{} clients, each its own connection with {} 4 KiB reads in flight: raw {:.0} ops/s, remora {:.0} ops/s ({:.2}x){}",
+            c.clients,
+            o.window,
+            c.raw_ops,
+            c.remora_ops,
+            c.remora_ops / c.raw_ops,
+            c.server_cores
+                .map(|x| format!("; memory server used {x:.2} cores"))
+                .unwrap_or_default()
+        )?;
         writeln!(f)?;
         if let Some(x) = self.read4k_p50_ratio() {
             writeln!(

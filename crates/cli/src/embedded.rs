@@ -271,6 +271,15 @@ impl Embedded {
         }
     }
 
+    /// Process ids of the memory servers.
+    pub fn server_pids(&self) -> Vec<u32> {
+        self.children
+            .iter()
+            .filter(|(n, _)| n.starts_with("server"))
+            .map(|(_, c)| c.id())
+            .collect()
+    }
+
     /// The first child that exited, if any.
     pub fn exited(&mut self) -> Option<String> {
         for (name, c) in &mut self.children {

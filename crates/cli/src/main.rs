@@ -217,6 +217,9 @@ struct MicroArgs {
     /// Requests in flight for the pipelined measurements.
     #[arg(long, default_value_t = 32)]
     window: usize,
+    /// Client threads (each with its own connection) in the concurrent measurement.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
     /// Delay injected on both sides of every transport (server and client, also for raw TCP).
     #[arg(long, value_parser = duration_arg)]
     inject_latency: Option<Duration>,
@@ -497,6 +500,9 @@ fn micro(a: MicroArgs) -> Result<()> {
             ops: a.ops.max(100),
             window: a.window.max(1),
             inject_latency: a.inject_latency.unwrap_or_default(),
+            token: cl.info.token.clone(),
+            server_pid: cl.server_pids().first().copied(),
+            clients: a.clients.max(1),
         },
         &raw.addr,
     )?;
