@@ -105,10 +105,7 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             offset,
             client,
         } => {
-            let c = client.connect()?;
-            let r = c
-                .open_region(&name)
-                .with_context(|| format!("opening region {name:?}"))?;
+            let (_, r) = open(&client, &name)?;
             let mut input = std::io::stdin().lock();
             let mut pos = offset;
             let mut inflight = VecDeque::new();
@@ -144,10 +141,7 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             len,
             client,
         } => {
-            let c = client.connect()?;
-            let r = c
-                .open_region(&name)
-                .with_context(|| format!("opening region {name:?}"))?;
+            let (_, r) = open(&client, &name)?;
             if offset > r.size() {
                 bail!(
                     "offset {offset} is past the end of region {name:?} ({} bytes)",
@@ -191,10 +185,7 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             to,
             client,
         } => {
-            let c = client.connect()?;
-            let r = c
-                .open_region(&name)
-                .with_context(|| format!("opening region {name:?}"))?;
+            let (c, r) = open(&client, &name)?;
             let from = r
                 .map()
                 .slabs
@@ -212,10 +203,7 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             Ok(())
         }
         RegionCmd::Show { name, client } => {
-            let c = client.connect()?;
-            let r = c
-                .open_region(&name)
-                .with_context(|| format!("opening region {name:?}"))?;
+            let (_, r) = open(&client, &name)?;
             let m = r.map();
             println!(
                 "region {name} (id {}): {}, {} slabs of {}, map version {}",
@@ -232,15 +220,24 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             Ok(())
         }
         RegionCmd::Rm { name, client } => {
-            let c = client.connect()?;
-            let r = c
-                .open_region(&name)
-                .with_context(|| format!("opening region {name:?}"))?;
+            let (c, r) = open(&client, &name)?;
             c.free_region(r.id())?;
             println!("removed region {name}");
             Ok(())
         }
     }
+}
+
+/// Connects and opens the tenant's region `name`.
+fn open(
+    client: &ClientArgs,
+    name: &str,
+) -> Result<(remora_client::Cluster, remora_client::Region)> {
+    let c = client.connect()?;
+    let r = c
+        .open_region(name)
+        .with_context(|| format!("opening region {name:?}"))?;
+    Ok((c, r))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

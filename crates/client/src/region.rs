@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -347,10 +346,7 @@ impl Region {
     /// abandons the result (the request may still be executed).
     pub fn read_async(&self, offset: u64, len: usize) -> ReadFuture {
         let map = self.map.read().clone();
-        match self.start_read(&map, offset, len) {
-            Ok(parts) => ReadFuture::new(parts, vec![0; len], None),
-            Err(a) => ReadFuture::new(Vec::new(), Vec::new(), Some(a.err)),
-        }
+        ReadFuture::new(self.start_read(&map, offset, len), len)
     }
 
     /// Starts a write of `data` at `offset` (the data is sent before this returns).
@@ -522,34 +518,106 @@ fn wait_all(
     }
 }
 
+/// The requests of one async operation, polled together.
+#[derive(Debug)]
+struct Inflight {
+    parts: Vec<Part>,
+    done: Vec<bool>,
+    err: Option<ClientError>,
+}
+
+impl Inflight {
+    fn new(r: Result<Vec<Part>, Attempt>) -> Self {
+        let (parts, err) = match r {
+            Ok(p) => (p, None),
+            Err(a) => (Vec::new(), Some(a.err)),
+        };
+        Inflight {
+            done: vec![false; parts.len()],
+            parts,
+            err,
+        }
+    }
+
+    /// Blocks until every part is done, handing each reply to `each`.
+    fn wait(&mut self, each: impl FnMut(&Part, u16, &[u8]) -> Result<()>) -> Result<()> {
+        if let Some(e) = self.err.take() {
+            return Err(e);
+        }
+        self.done.fill(true);
+        wait_all(std::mem::take(&mut self.parts), each).map_err(|a| a.err)
+    }
+
+    /// Polls every part not yet done; ready when all are, or at the first error.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut each: impl FnMut(&Part, u16, &[u8]) -> Result<()>,
+    ) -> Poll<Result<()>> {
+        let mut pending = false;
+        for i in 0..self.parts.len() {
+            if self.done[i] || self.err.is_some() {
+                continue;
+            }
+            let p = &self.parts[i];
+            match p.conn.poll(p.id, cx) {
+                Poll::Ready(r) => {
+                    self.done[i] = true;
+                    if let Err(e) = r.and_then(|f| each(p, f.kind, &f.payload)) {
+                        self.err = Some(e);
+                    }
+                }
+                Poll::Pending => pending = true,
+            }
+        }
+        if let Some(e) = self.err.take() {
+            self.abandon_rest();
+            return Poll::Ready(Err(e));
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn abandon_rest(&mut self) {
+        for (i, p) in self.parts.iter().enumerate() {
+            if !self.done[i] {
+                p.conn.abandon(p.id);
+                self.done[i] = true;
+            }
+        }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.abandon_rest();
+    }
+}
+
 /// Future of [`Region::read_async`].
 #[derive(Debug)]
 #[must_use = "futures do nothing unless polled or waited"]
 pub struct ReadFuture {
-    parts: Vec<Part>,
-    done: Vec<bool>,
+    inflight: Inflight,
     buf: Vec<u8>,
-    err: Option<ClientError>,
 }
 
 impl ReadFuture {
-    fn new(parts: Vec<Part>, buf: Vec<u8>, err: Option<ClientError>) -> Self {
+    fn new(r: Result<Vec<Part>, Attempt>, len: usize) -> Self {
+        let buf = if r.is_ok() { vec![0; len] } else { Vec::new() };
         ReadFuture {
-            done: vec![false; parts.len()],
-            parts,
+            inflight: Inflight::new(r),
             buf,
-            err,
         }
     }
 
     /// Blocks the calling thread until the read completes.
     pub fn wait(mut self) -> Result<Vec<u8>> {
-        if let Some(e) = self.err.take() {
-            return Err(e);
-        }
-        let parts = std::mem::take(&mut self.parts);
         let mut buf = std::mem::take(&mut self.buf);
-        wait_all(parts, |p, k, d| fill(p, k, d, &mut buf)).map_err(|a| a.err)?;
+        self.inflight.wait(|p, k, d| fill(p, k, d, &mut buf))?;
         Ok(buf)
     }
 }
@@ -559,45 +627,11 @@ impl Future for ReadFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let mut pending = false;
-        for i in 0..this.parts.len() {
-            if this.done[i] || this.err.is_some() {
-                continue;
-            }
-            let p = &this.parts[i];
-            match p.conn.poll(p.id, cx) {
-                Poll::Ready(r) => {
-                    this.done[i] = true;
-                    if let Err(e) = r.and_then(|f| fill(p, f.kind, &f.payload, &mut this.buf)) {
-                        this.err = Some(e);
-                    }
-                }
-                Poll::Pending => pending = true,
-            }
-        }
-        if let Some(e) = this.err.take() {
-            for (i, p) in this.parts.iter().enumerate() {
-                if !this.done[i] {
-                    p.conn.abandon(p.id);
-                    this.done[i] = true;
-                }
-            }
-            return Poll::Ready(Err(e));
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(Ok(std::mem::take(&mut this.buf)))
-        }
-    }
-}
-
-impl Drop for ReadFuture {
-    fn drop(&mut self) {
-        for (i, p) in self.parts.iter().enumerate() {
-            if !self.done[i] {
-                p.conn.abandon(p.id);
-            }
+        let buf = &mut this.buf;
+        match this.inflight.poll(cx, |p, k, d| fill(p, k, d, buf)) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(std::mem::take(&mut this.buf))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -606,38 +640,24 @@ impl Drop for ReadFuture {
 #[derive(Debug)]
 #[must_use = "futures do nothing unless polled or waited"]
 pub struct OpFuture<T> {
-    parts: Vec<Part>,
-    done: Vec<bool>,
+    inflight: Inflight,
     value: u64,
-    err: Option<ClientError>,
     map: fn(u64) -> T,
-    _t: PhantomData<T>,
 }
 
 impl<T> OpFuture<T> {
     fn new(r: Result<Vec<Part>, Attempt>, map: fn(u64) -> T) -> Self {
-        let (parts, err) = match r {
-            Ok(p) => (p, None),
-            Err(a) => (Vec::new(), Some(a.err)),
-        };
         OpFuture {
-            done: vec![false; parts.len()],
-            parts,
+            inflight: Inflight::new(r),
             value: 0,
-            err,
             map,
-            _t: PhantomData,
         }
     }
 
     /// Blocks the calling thread until the operation completes.
     pub fn wait(mut self) -> Result<T> {
-        if let Some(e) = self.err.take() {
-            return Err(e);
-        }
-        let parts = std::mem::take(&mut self.parts);
         let mut v = 0;
-        wait_all(parts, |p, k, d| value(p, k, d, &mut v)).map_err(|a| a.err)?;
+        self.inflight.wait(|p, k, d| value(p, k, d, &mut v))?;
         Ok((self.map)(v))
     }
 }
@@ -649,45 +669,11 @@ impl<T> Future for OpFuture<T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let mut pending = false;
-        for i in 0..this.parts.len() {
-            if this.done[i] || this.err.is_some() {
-                continue;
-            }
-            let p = &this.parts[i];
-            match p.conn.poll(p.id, cx) {
-                Poll::Ready(r) => {
-                    this.done[i] = true;
-                    if let Err(e) = r.and_then(|f| value(p, f.kind, &f.payload, &mut this.value)) {
-                        this.err = Some(e);
-                    }
-                }
-                Poll::Pending => pending = true,
-            }
-        }
-        if let Some(e) = this.err.take() {
-            for (i, p) in this.parts.iter().enumerate() {
-                if !this.done[i] {
-                    p.conn.abandon(p.id);
-                    this.done[i] = true;
-                }
-            }
-            return Poll::Ready(Err(e));
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(Ok((this.map)(this.value)))
-        }
-    }
-}
-
-impl<T> Drop for OpFuture<T> {
-    fn drop(&mut self) {
-        for (i, p) in self.parts.iter().enumerate() {
-            if !self.done[i] {
-                p.conn.abandon(p.id);
-            }
+        let v = &mut this.value;
+        match this.inflight.poll(cx, |p, k, d| value(p, k, d, v)) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok((this.map)(this.value))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

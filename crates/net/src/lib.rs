@@ -439,34 +439,15 @@ impl RpcConn {
 
     /// Sends the frame that `encode(buf, id)` appends and waits for the reply with that id.
     pub fn call(&mut self, encode: impl FnOnce(&mut Vec<u8>, u64)) -> Result<OwnedFrame, NetError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.buf.clear();
-        encode(&mut self.buf, id);
-        self.writer
-            .write_all(&self.buf)
-            .map_err(|source| NetError::Io {
-                op: "write to",
-                addr: self.reader.peer().to_string(),
-                source,
-            })?;
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            let f = self
-                .reader
-                .next_owned(Some(deadline))
-                .map_err(|e| match e {
-                    NetError::Timeout { addr, .. } => NetError::Timeout {
-                        addr,
-                        timeout: self.timeout,
-                    },
-                    e => e,
-                })?;
-            if f.id == id {
-                return Ok(f);
+        let mut encode = Some(encode);
+        let mut replies = self.call_pipelined(1, |b, _, id| {
+            if let Some(e) = encode.take() {
+                e(b, id);
             }
-            // A stale reply to an earlier, timed-out call: skip it.
-        }
+        })?;
+        replies.pop().ok_or_else(|| NetError::Closed {
+            addr: self.reader.peer().to_string(),
+        })
     }
 }
 
