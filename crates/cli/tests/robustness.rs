@@ -464,6 +464,7 @@ fn only_servers_with_the_cluster_secret_join_and_ids_cannot_be_hijacked() {
         admin_key: 1,
         capacity: u64::MAX,
         secret: None,
+        slabs_used: 0,
     };
     remora_proto::ctl::encode(&mut b, 1, remora_proto::ctl::CTL_REQUEST, &reg);
     g.send(&b);
@@ -485,6 +486,7 @@ fn only_servers_with_the_cluster_secret_join_and_ids_cannot_be_hijacked() {
         admin_key: 1,
         capacity: u64::MAX,
         secret: Some("s3cret".into()),
+        slabs_used: 0,
     };
     let mut b = Vec::new();
     remora_proto::ctl::encode(&mut b, 2, remora_proto::ctl::CTL_REQUEST, &reg);

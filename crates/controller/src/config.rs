@@ -7,6 +7,7 @@
 //! placement = "p2c"            # or "least-loaded"
 //! heartbeat_interval = "200ms"
 //! dead_after = "2s"
+//! reconcile_interval = "30s"     # how often orphan slabs are reclaimed
 //! cluster_secret = "..."         # servers must present it to register
 //!
 //! [[tenants]]
@@ -43,6 +44,8 @@ pub struct ControllerConfig {
     pub heartbeat_interval: Duration,
     /// A server that missed heartbeats this long is declared dead.
     pub dead_after: Duration,
+    /// How often live servers are checked for orphan slabs.
+    pub reconcile_interval: Duration,
     /// Tenants to create or update at start.
     pub tenants: Vec<StoredTenant>,
     /// Secret memory servers must present to register (`None`: any server
@@ -59,6 +62,7 @@ impl Default for ControllerConfig {
             placement: Policy::PowerOfTwo,
             heartbeat_interval: Duration::from_millis(200),
             dead_after: Duration::from_secs(2),
+            reconcile_interval: Duration::from_secs(30),
             tenants: Vec::new(),
             cluster_secret: None,
         }
@@ -74,6 +78,7 @@ struct File {
     placement: Option<String>,
     heartbeat_interval: Option<String>,
     dead_after: Option<String>,
+    reconcile_interval: Option<String>,
     cluster_secret: Option<String>,
     #[serde(default)]
     tenants: Vec<FileTenant>,
@@ -124,6 +129,9 @@ impl ControllerConfig {
         if let Some(v) = f.dead_after {
             self.dead_after = remora_net::parse_duration(&v).map_err(e)?;
         }
+        if let Some(v) = f.reconcile_interval {
+            self.reconcile_interval = remora_net::parse_duration(&v).map_err(e)?;
+        }
         if let Some(v) = f.cluster_secret {
             self.cluster_secret = Some(v);
         }
@@ -153,6 +161,9 @@ impl ControllerConfig {
         }
         if self.slab_size > 1 << 30 {
             return Err("slab size must be at most 1 GiB".into());
+        }
+        if self.reconcile_interval < Duration::from_millis(100) {
+            return Err("reconcile_interval must be at least 100ms".into());
         }
         if self.dead_after <= self.heartbeat_interval {
             return Err("dead_after must be longer than heartbeat_interval".into());

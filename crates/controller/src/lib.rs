@@ -107,6 +107,9 @@ struct State {
     names: HashMap<(String, String), u64>,
     /// Slabs being moved.
     moving: std::collections::HashSet<u64>,
+    /// Slab ids handed out but not yet committed (allocations and moves in
+    /// flight), as half-open ranges; reconciliation never drops these.
+    pending: Vec<(u64, u64)>,
     next_region: u64,
     next_slab: u64,
     rng: rand::rngs::StdRng,
@@ -151,6 +154,7 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         regions: BTreeMap::new(),
         names: HashMap::new(),
         moving: Default::default(),
+        pending: Vec::new(),
         next_region: snap.next_region,
         next_slab: snap.next_slab,
         rng: rand::SeedableRng::from_entropy(),
@@ -224,6 +228,16 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
                 source,
             })?;
     }
+    {
+        let inner = inner.clone();
+        std::thread::Builder::new()
+            .name("remora-ctl-reconcile".into())
+            .spawn(move || reconcile_loop(inner))
+            .map_err(|source| ControllerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+    }
     Ok(ControllerHandle { addr })
 }
 
@@ -244,6 +258,14 @@ fn accept_loop(listener: TcpListener, inner: Arc<Inner>) {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+/// Reclaims orphan slabs on live servers, now and then.
+fn reconcile_loop(inner: Arc<Inner>) {
+    loop {
+        std::thread::sleep(inner.cfg.reconcile_interval);
+        inner.reconcile();
     }
 }
 
@@ -362,6 +384,7 @@ impl Inner {
                     admin_key,
                     capacity,
                     secret,
+                    slabs_used,
                 },
             ) => {
                 if version != VERSION {
@@ -378,7 +401,7 @@ impl Inner {
                         );
                     }
                 }
-                if let Err(msg) = self.register(server_id, addr, admin_key, capacity) {
+                if let Err(msg) = self.register(server_id, addr, admin_key, capacity, slabs_used) {
                     return fail(ErrorCode::InvalidArgument, msg);
                 }
                 *role = Role::Server(server_id);
@@ -438,6 +461,7 @@ impl Inner {
         addr: String,
         admin_key: u64,
         capacity: u64,
+        used: u64,
     ) -> Result<(), String> {
         let mut st = self.state.lock();
         let slabs_total = capacity / self.cfg.slab_size;
@@ -489,40 +513,44 @@ impl Inner {
                 admin_key,
                 capacity,
                 slabs_total,
-                slabs_used: assigned,
+                slabs_used: used.min(slabs_total),
                 assigned,
                 last_seen: Instant::now(),
                 alive: true,
             },
         );
-        if !slabs.is_empty() {
-            // A previous controller may have died in the middle of moving
-            // one of these slabs, leaving it frozen on the server. Every
-            // slab of a committed map must serve, so thaw them all (a no-op
-            // for the others); moves of them wait until this is done.
-            for s in &slabs {
-                st.moving.insert(*s);
-            }
-            drop(st);
-            let me = self.clone();
-            std::thread::spawn(move || {
-                let reqs: Vec<Request<'_>> = slabs
-                    .iter()
-                    .map(|&slab| Request::ThawSlab { slab })
-                    .collect();
-                for r in me.admin_calls(id, &reqs) {
-                    if let Err((code, msg)) = r {
-                        if code != ErrorCode::UnknownSlab {
-                            warn!("reconciling server {id:016x}: {code}: {msg}");
-                        }
+        // A previous controller may have died in the middle of moving one
+        // of these slabs, leaving it frozen on the server: every slab of a
+        // committed map must serve, so thaw them all (a no-op for the
+        // others); moves of them wait until this is done. Then make sure no
+        // slab id this controller hands out is already on the server (its
+        // metadata may be older than the server's slabs).
+        for s in &slabs {
+            st.moving.insert(*s);
+        }
+        drop(st);
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let reqs: Vec<Request<'_>> = slabs
+                .iter()
+                .map(|&slab| Request::ThawSlab { slab })
+                .collect();
+            for r in me.admin_calls(id, &reqs) {
+                if let Err((code, msg)) = r {
+                    if code != ErrorCode::UnknownSlab {
+                        warn!("reconciling server {id:016x}: {code}: {msg}");
                     }
                 }
-                let mut st = me.state.lock();
-                for s in &slabs {
-                    st.moving.remove(s);
-                }
-            });
-        }
+            }
+            let listed = me.admin_list(id);
+            let mut st = me.state.lock();
+            for s in &slabs {
+                st.moving.remove(s);
+            }
+            if let Some(max) = listed.ok().and_then(|v| v.into_iter().max()) {
+                st.next_slab = st.next_slab.max(max + 1);
+            }
+        });
         Ok(())
     }
 
@@ -687,6 +715,7 @@ impl Inner {
             st.next_region += 1;
             let first_slab = st.next_slab;
             st.next_slab += n;
+            st.pending.push((first_slab, first_slab + n));
             let mut plan = Vec::with_capacity(n as usize);
             for (i, sid) in picks.into_iter().enumerate() {
                 let s = st
@@ -764,18 +793,21 @@ impl Inner {
                 failure = Some((ErrorCode::Internal, e.to_string()));
             }
         }
+        let first_slab = map.slabs.first().map_or(0, |l| l.slab);
         let mut st = self.state.lock();
         if let Some((code, msg)) = failure {
             drop(st);
             self.drop_slabs(&created);
             let mut st = self.state.lock();
             self.release(&mut st, &stored);
+            unpend(&mut st, first_slab);
             return Err((code, format!("allocating region: {msg}")));
         }
         if let Some(nm) = &name {
             st.names.insert((tenant.to_string(), nm.clone()), region_id);
         }
         st.regions.insert(region_id, stored);
+        unpend(&mut st, first_slab);
         info!(
             "tenant {tenant:?} allocated region {region_id} ({size} bytes, {} slabs)",
             map.slabs.len()
@@ -892,12 +924,14 @@ impl Inner {
             };
             let slab = st.next_slab;
             st.next_slab += 1;
+            st.pending.push((slab, slab + 1));
             let mut key: u64 = st.rng.gen();
             if key == 0 {
                 key = 1;
             }
             let Some(s) = st.servers.get_mut(&dest_server) else {
                 st.moving.remove(&src.slab);
+                unpend(st, slab);
                 return Err((ErrorCode::Internal, "server vanished".into()));
             };
             s.assigned += 1;
@@ -921,6 +955,7 @@ impl Inner {
                 s.assigned = s.assigned.saturating_sub(1);
             }
             st.moving.remove(&src.slab);
+            unpend(&mut st, dest.slab);
         };
         if let Err((code, msg)) = self.admin_call(
             dest_server,
@@ -963,8 +998,10 @@ impl Inner {
                             if let Some(s) = st.servers.get_mut(&src.server_id) {
                                 s.assigned = s.assigned.saturating_sub(1);
                             }
+                            let map = r.map.clone();
                             st.moving.remove(&src.slab);
-                            Ok(r.map.clone())
+                            unpend(st, dest.slab);
+                            Ok(map)
                         }
                         Err(e) => Err((ErrorCode::Internal, e.to_string())),
                     }
@@ -1012,16 +1049,20 @@ impl Inner {
             .unwrap_or_else(|| Err((ErrorCode::Internal, "no reply".into())))
     }
 
-    /// Sends control operations to one server, pipelined in bursts; one
-    /// result per request, in order.
-    fn admin_calls(&self, server_id: u64, reqs: &[Request<'_>]) -> Vec<Result<(), Failure>> {
-        let all = |e: Failure| reqs.iter().map(|_| Err(e.clone())).collect::<Vec<_>>();
+    /// Runs `f` on the cached admin connection to a server (connecting and
+    /// handshaking with its admin key first if needed); a failed connection
+    /// is dropped from the cache.
+    fn with_admin_conn<T>(
+        &self,
+        server_id: u64,
+        f: impl FnOnce(&mut RpcConn) -> Result<T, NetError>,
+    ) -> Result<T, Failure> {
         let (addr, key) = {
             let st = self.state.lock();
             match st.servers.get(&server_id) {
                 Some(s) => (s.addr.clone(), s.admin_key),
                 None => {
-                    return all((
+                    return Err((
                         ErrorCode::ServerUnavailable,
                         format!("server {server_id:016x} is gone"),
                     ))
@@ -1038,61 +1079,158 @@ impl Inner {
         let unavailable =
             |e: NetError| (ErrorCode::ServerUnavailable, format!("server {addr}: {e}"));
         if conn.is_none() {
-            let connected = RpcConn::connect(
+            let mut c = RpcConn::connect(
                 &TcpTransport,
                 &addr,
                 Duration::from_secs(2),
                 LatencyInjector::default(),
             )
-            .and_then(|mut c| {
-                c.set_timeout(ADMIN_TIMEOUT);
-                let f = c.call(|b, id| data::hello(b, id, key))?;
-                Ok((c, f))
-            });
-            match connected {
-                Ok((c, f)) => match data::decode_reply(f.kind, &f.payload) {
-                    Ok(Reply::HelloOk { .. }) => *conn = Some(c),
-                    other => {
-                        return all((
-                            ErrorCode::ServerUnavailable,
-                            format!("server {addr}: handshake: {other:?}"),
-                        ))
-                    }
-                },
-                Err(e) => return all(unavailable(e)),
+            .map_err(unavailable)?;
+            c.set_timeout(ADMIN_TIMEOUT);
+            let f = c
+                .call(|b, id| data::hello(b, id, key))
+                .map_err(unavailable)?;
+            match data::decode_reply(f.kind, &f.payload) {
+                Ok(Reply::HelloOk { .. }) => *conn = Some(c),
+                other => {
+                    return Err((
+                        ErrorCode::ServerUnavailable,
+                        format!("server {addr}: handshake: {other:?}"),
+                    ))
+                }
             }
         }
         let Some(c) = conn.as_mut() else {
-            return all((ErrorCode::Internal, "no admin connection".into()));
+            return Err((ErrorCode::Internal, "no admin connection".into()));
         };
-        let mut out = Vec::with_capacity(reqs.len());
-        for burst in reqs.chunks(1024) {
-            let frames = match c.call_pipelined(burst.len(), |b, i, id| {
-                data::encode_request(b, id, &burst[i])
-            }) {
-                Ok(f) => f,
-                Err(e) => {
-                    *conn = None;
-                    let e = unavailable(e);
-                    out.extend(reqs[out.len()..].iter().map(|_| Err(e.clone())));
-                    return out;
-                }
-            };
-            for f in frames {
-                out.push(match data::decode_reply(f.kind, &f.payload) {
-                    Ok(Reply::Done) => Ok(()),
-                    Ok(Reply::Error { code, message }) => {
-                        Err((code, format!("server {addr}: {message}")))
-                    }
-                    other => Err((
-                        ErrorCode::Internal,
-                        format!("server {addr}: unexpected {other:?}"),
-                    )),
-                });
+        match f(c) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                *conn = None;
+                Err(unavailable(e))
             }
         }
-        out
     }
+
+    /// Sends control operations to one server, pipelined in bursts; one
+    /// result per request, in order.
+    fn admin_calls(&self, server_id: u64, reqs: &[Request<'_>]) -> Vec<Result<(), Failure>> {
+        let frames = self.with_admin_conn(server_id, |c| {
+            let mut frames = Vec::with_capacity(reqs.len());
+            for burst in reqs.chunks(1024) {
+                frames.extend(c.call_pipelined(burst.len(), |b, i, id| {
+                    data::encode_request(b, id, &burst[i])
+                })?);
+            }
+            Ok(frames)
+        });
+        let frames = match frames {
+            Ok(f) => f,
+            Err(e) => return reqs.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let addr = self
+            .state
+            .lock()
+            .servers
+            .get(&server_id)
+            .map_or_else(|| format!("{server_id:016x}"), |s| s.addr.clone());
+        frames
+            .into_iter()
+            .map(|f| match data::decode_reply(f.kind, &f.payload) {
+                Ok(Reply::Done) => Ok(()),
+                Ok(Reply::Error { code, message }) => {
+                    Err((code, format!("server {addr}: {message}")))
+                }
+                other => Err((
+                    ErrorCode::Internal,
+                    format!("server {addr}: unexpected reply {other:?}"),
+                )),
+            })
+            .collect()
+    }
+
+    /// Every slab id a server holds.
+    fn admin_list(&self, server_id: u64) -> Result<Vec<u64>, Failure> {
+        self.with_admin_conn(server_id, |c| {
+            let mut ids = Vec::new();
+            let mut after = 0;
+            loop {
+                let f = c.call(|b, id| {
+                    data::encode_request(b, id, &Request::ListSlabs { after, max: 65536 })
+                })?;
+                let page: Vec<u64> = match data::decode_reply(f.kind, &f.payload) {
+                    Ok(Reply::Data(d)) => d
+                        .chunks_exact(8)
+                        .map(|w| {
+                            u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+                        })
+                        .collect(),
+                    _ => return Ok(ids),
+                };
+                match page.last() {
+                    Some(&last) if last > after => {
+                        after = last;
+                        ids.extend(page);
+                    }
+                    _ => return Ok(ids),
+                }
+            }
+        })
+    }
+
+    /// Drops slabs that live servers hold but no committed map or
+    /// allocation in flight knows: left by a failed drop, a controller that
+    /// died mid-allocation, or a move whose source drop failed.
+    fn reconcile(&self) {
+        let servers: Vec<u64> = {
+            let st = self.state.lock();
+            st.servers
+                .iter()
+                .filter(|(_, s)| s.alive)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for sid in servers {
+            let Ok(listed) = self.admin_list(sid) else {
+                continue;
+            };
+            let orphans: Vec<u64> = {
+                let st = self.state.lock();
+                let known: std::collections::HashSet<u64> = st
+                    .regions
+                    .values()
+                    .flat_map(|r| r.map.slabs.iter())
+                    .filter(|l| l.server_id == sid)
+                    .map(|l| l.slab)
+                    .collect();
+                listed
+                    .into_iter()
+                    .filter(|id| {
+                        !known.contains(id)
+                            && !st.pending.iter().any(|(a, b)| (*a..*b).contains(id))
+                    })
+                    .collect()
+            };
+            if orphans.is_empty() {
+                continue;
+            }
+            let reqs: Vec<Request<'_>> = orphans
+                .iter()
+                .map(|&slab| Request::DropSlab { slab })
+                .collect();
+            let dropped = self
+                .admin_calls(sid, &reqs)
+                .into_iter()
+                .filter(|r| r.is_ok())
+                .count();
+            info!("dropped {dropped} orphan slabs on server {sid:016x}");
+        }
+    }
+}
+
+/// Forgets the pending range that starts at `first`.
+fn unpend(st: &mut State, first: u64) {
+    st.pending.retain(|(a, _)| *a != first);
 }
 
 fn region_info(r: &StoredRegion) -> RegionInfo {

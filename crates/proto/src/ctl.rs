@@ -42,6 +42,8 @@ pub enum CtlRequest {
         capacity: u64,
         /// The cluster secret, if the controller requires one.
         secret: Option<String>,
+        /// Slabs the server already holds (after a controller restart).
+        slabs_used: u64,
     },
     /// Periodic liveness and usage report from a server.
     Heartbeat {
@@ -264,7 +266,7 @@ mod tests {
             let reqs = vec![
                 CtlRequest::ClientHello { version: 1, token: "t".into() },
                 CtlRequest::Alloc { size, name: name.clone() },
-                CtlRequest::Register { version: 1, server_id: key, addr: "a:1".into(), admin_key: size, capacity: 3, secret: Some("s".into()) },
+                CtlRequest::Register { version: 1, server_id: key, addr: "a:1".into(), admin_key: size, capacity: 3, secret: Some("s".into()), slabs_used: 2 },
             ];
             for r in reqs {
                 let mut out = Vec::new();

@@ -31,6 +31,8 @@ pub mod op {
     pub const STATS: u16 = 0x13;
     /// Control (admin only): let a frozen slab take writes again.
     pub const THAW_SLAB: u16 = 0x14;
+    /// Control (admin only): list slab ids, in order, after a given id.
+    pub const LIST_SLABS: u16 = 0x15;
 }
 
 /// Frame kinds of replies from a memory server.
@@ -118,6 +120,14 @@ pub enum Request<'a> {
     DropSlab {
         /// Slab id.
         slab: u64,
+    },
+    /// List up to `max` slab ids greater than `after`, ascending (reply:
+    /// DATA holding little-endian u64 ids).
+    ListSlabs {
+        /// Start after this id.
+        after: u64,
+        /// Most ids to return.
+        max: u32,
     },
     /// Let a slab frozen by a copy take writes again (after a failed move).
     ThawSlab {
@@ -298,6 +308,10 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
         },
         op::DROP_SLAB => Request::DropSlab { slab: c.u64()? },
         op::THAW_SLAB => Request::ThawSlab { slab: c.u64()? },
+        op::LIST_SLABS => Request::ListSlabs {
+            after: c.u64()?,
+            max: c.u32()?,
+        },
         op::COPY_SLAB => {
             let slab = c.u64()?;
             let dest_slab = c.u64()?;
@@ -365,6 +379,11 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
         Request::ThawSlab { slab } => {
             put_header(out, id, op::THAW_SLAB, 8);
             out.extend_from_slice(&slab.to_le_bytes());
+        }
+        Request::ListSlabs { after, max } => {
+            put_header(out, id, op::LIST_SLABS, 12);
+            out.extend_from_slice(&after.to_le_bytes());
+            out.extend_from_slice(&max.to_le_bytes());
         }
         Request::CopySlab {
             slab,
@@ -874,6 +893,7 @@ mod tests {
                 Request::CreateSlab { slab: a, key: b },
                 Request::DropSlab { slab: a },
                 Request::ThawSlab { slab: b },
+                Request::ListSlabs { after: a, max: len },
                 Request::CopySlab { slab: a, dest_slab: b, dest_key: a ^ b, dest_addr: "127.0.0.1:99" },
                 Request::Stats,
             ];

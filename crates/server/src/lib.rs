@@ -266,6 +266,7 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
             admin_key: shared.admin_key,
             capacity: shared.cfg.capacity,
             secret: shared.cfg.cluster_secret.clone(),
+            slabs_used: shared.pool.get().map_or(0, |p| p.used_slabs()),
         },
     )?;
     let (slab_size, hb) = match reply {
@@ -569,6 +570,23 @@ fn handle(
                 match pool.drop_slab(slab) {
                     Ok(()) => data::encode_reply(out, id, &Reply::Done),
                     Err(code) => put_error(out, id, code, &format!("drop slab {slab}: {code}")),
+                }
+            }
+        }
+        Request::ListSlabs { after, max } => {
+            if !st.admin {
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::NotAuthorized,
+                    "list slabs needs the admin key",
+                );
+            } else {
+                let max = (max as usize).min(max_reply / 8);
+                let ids = pool.list(after, max);
+                put_data_header(out, id, ids.len() * 8);
+                for i in ids {
+                    out.extend_from_slice(&i.to_le_bytes());
                 }
             }
         }

@@ -236,6 +236,20 @@ impl SlabPool {
         Ok(())
     }
 
+    /// Up to `max` slab ids greater than `after`, ascending.
+    pub fn list(&self, after: u64, max: usize) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .slabs
+            .read()
+            .keys()
+            .copied()
+            .filter(|&id| id > after)
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(max);
+        ids
+    }
+
     /// A statistics snapshot (connections are counted by the caller).
     pub fn stats(&self) -> ServerStats {
         ServerStats {
@@ -301,6 +315,9 @@ mod tests {
         p.set_frozen(2, false).unwrap();
         p.write(&at(2, 102, 0), b"x").unwrap();
         assert_eq!(p.set_frozen(77, true), Err(ErrorCode::UnknownSlab));
+        assert_eq!(p.list(0, 10), vec![1, 2]);
+        assert_eq!(p.list(0, 1), vec![1]);
+        assert_eq!(p.list(1, 10), vec![2]);
         p.drop_slab(1).unwrap();
         assert_eq!(p.drop_slab(1), Err(ErrorCode::UnknownSlab));
         p.create(9, 1).unwrap();

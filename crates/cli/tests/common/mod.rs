@@ -103,6 +103,7 @@ impl TestCluster {
 slab_size = "{}"
 heartbeat_interval = "100ms"
 dead_after = "1s"
+reconcile_interval = "200ms"
 {}
 [[tenants]]
 name = "default"
@@ -157,6 +158,33 @@ quota = "1MiB"
 
     pub fn kill_controller(&mut self) {
         self.controller = None;
+    }
+
+    /// Sum of the slabs the servers report in use (via the controller).
+    pub fn slabs_used(&self) -> u64 {
+        self.client()
+            .status()
+            .expect("status")
+            .servers
+            .iter()
+            .map(|s| s.slabs_used)
+            .sum()
+    }
+
+    /// Waits until the servers report `n` slabs in use.
+    pub fn wait_slabs_used(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let used = self.slabs_used();
+            if used == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "servers report {used} slabs, want {n}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn add_server(&mut self, extra: &[&str]) -> usize {
