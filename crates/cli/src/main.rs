@@ -416,8 +416,8 @@ fn status(a: ClientArgs) -> Result<()> {
     println!();
     println!("SERVERS");
     println!(
-        "{:<22} {:>10} {:>10} {:>10} {:>6}  {:<6}",
-        "ADDRESS", "CAPACITY", "USED", "FREE", "USE%", "STATE"
+        "{:<22} {:>10} {:>10} {:>10} {:>6}  {:<10} {:>10} {:>10} {:>12} {:>6}",
+        "ADDRESS", "CAPACITY", "USED", "FREE", "USE%", "STATE", "READ", "WRITTEN", "OPS", "CONNS"
     );
     let (mut cap, mut used) = (0u64, 0u64);
     for sv in &s.servers {
@@ -425,8 +425,23 @@ fn status(a: ClientArgs) -> Result<()> {
         let t = sv.slabs_total * s.slab_size;
         cap += t;
         used += u;
+        // Live figures straight from the server (skipped for dead ones).
+        let stats = if sv.alive {
+            c.server_stats(&sv.addr).ok()
+        } else {
+            None
+        };
+        let (rd, wr, ops, conns) = match stats {
+            Some(st) => (
+                Bytes(st.bytes_read).to_string(),
+                Bytes(st.bytes_written).to_string(),
+                st.ops.to_string(),
+                st.connections.to_string(),
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
         println!(
-            "{:<22} {:>10} {:>10} {:>10} {:>5.1}%  {:<6}",
+            "{:<22} {:>10} {:>10} {:>10} {:>5.1}%  {:<10} {:>10} {:>10} {:>12} {:>6}",
             sv.addr,
             Bytes(t).to_string(),
             Bytes(u).to_string(),
@@ -439,8 +454,12 @@ fn status(a: ClientArgs) -> Result<()> {
             if sv.alive {
                 "alive".to_string()
             } else {
-                format!("dead ({} s)", sv.last_seen_ms / 1000)
-            }
+                format!("dead {}s", sv.last_seen_ms / 1000)
+            },
+            rd,
+            wr,
+            ops,
+            conns
         );
     }
     println!(

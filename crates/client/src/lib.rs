@@ -34,6 +34,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use remora_net::{LatencyInjector, NetError, RpcConn, TcpTransport, Transport};
 use remora_proto::ctl::{self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap};
+use remora_proto::data;
+pub use remora_proto::data::ServerStats;
 use remora_proto::{ErrorCode, VERSION};
 
 pub use region::{Batch, BatchResult, OpFuture, ReadFuture, Region};
@@ -323,6 +325,27 @@ impl Cluster {
             CtlReply::Status(s) => Ok(s),
             other => Err(unexpected(&self.inner.controller, &other)),
         }
+    }
+
+    /// Statistics of the memory server at `addr` (capacity, slabs, bytes
+    /// and operations served, open connections).
+    pub fn server_stats(&self, addr: &str) -> Result<ServerStats> {
+        let conn = self.inner.conn(addr)?;
+        let id = conn.submit(|b, id| data::encode_request(b, id, &data::Request::Stats))?;
+        conn.wait_with(id, |kind, payload| {
+            match data::decode_reply(kind, payload) {
+                Ok(data::Reply::Stats(s)) => Ok(s),
+                Ok(data::Reply::Error { code, message }) => Err(ClientError::Remote {
+                    addr: addr.to_string(),
+                    code,
+                    message: message.to_string(),
+                }),
+                other => Err(ClientError::Protocol {
+                    addr: addr.to_string(),
+                    detail: format!("expected statistics, got {other:?}"),
+                }),
+            }
+        })?
     }
 }
 
