@@ -62,7 +62,10 @@ fn region_commands_stream_files_in_and_out() {
     );
     assert_eq!(status.matches("alive").count(), 3, "{status}");
     assert!(status.contains("blob"), "{status}");
-    assert!(status.contains("WRITTEN") && status.contains("MiB"), "{status}");
+    assert!(
+        status.contains("WRITTEN") && status.contains("MiB"),
+        "{status}"
+    );
 
     // Errors are clear and exit non-zero.
     let e = run_err(tc.remora(&["region", "create", "x", "--size", "12 parsecs"]));

@@ -228,11 +228,17 @@ fn async_forms_keep_many_requests_in_flight() {
         res.unwrap();
     }
     // The servers count what they served.
-    let stats: Vec<_> = tc.servers.iter().map(|p| c.server_stats(&p.addr).unwrap()).collect();
+    let stats: Vec<_> = tc
+        .servers
+        .iter()
+        .map(|p| c.server_stats(&p.addr).unwrap())
+        .collect();
     let written: u64 = stats.iter().map(|s| s.bytes_written).sum();
     let ops: u64 = stats.iter().map(|s| s.ops).sum();
     assert!(written >= 4 << 20 && ops >= 256, "{stats:?}");
-    assert!(stats.iter().all(|s| s.connections >= 1 && s.slab_size == 64 << 10));
+    assert!(stats
+        .iter()
+        .all(|s| s.connections >= 1 && s.slab_size == 64 << 10));
     let reads: Vec<_> = (0..256).map(|i| r.read_async(i * 16384, 16384)).collect();
     let got = futures::executor::block_on(futures::future::join_all(reads));
     for (i, g) in got.into_iter().enumerate() {

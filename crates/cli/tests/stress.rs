@@ -208,12 +208,13 @@ fn slabs_move_between_servers_under_load_without_losing_a_write() {
         std::thread::sleep(Duration::from_millis(20));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Every writer finishes its last operation before the final read.
+    let results: Vec<_> = writers.into_iter().map(|h| h.join().unwrap()).collect();
     let mut all = vec![0u8; (slabs * slab) as usize];
     let fresh = tc.client().open_region("moving").unwrap();
     assert_eq!(fresh.version(), version);
     fresh.read(0, &mut all).unwrap();
-    for h in writers {
-        let (t, shadow, adds) = h.join().unwrap();
+    for (t, shadow, adds) in results {
         for block in 0..slabs * slab / 4096 - 1 {
             let o = (block * 4096 + t * 1024) as usize;
             assert!(
