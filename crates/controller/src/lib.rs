@@ -81,9 +81,19 @@ struct ServerState {
     assigned: u64,
     last_seen: Instant,
     alive: bool,
+    /// Set by the first heartbeat: the server has carved its slabs and can
+    /// take control operations. Placement uses only ready servers.
+    ready: bool,
+    /// Committed slabs to thaw when the server becomes ready (first
+    /// registration with this controller only).
+    join_work: Option<Vec<u64>>,
 }
 
 impl ServerState {
+    fn usable(&self) -> bool {
+        self.alive && self.ready
+    }
+
     fn free(&self) -> u64 {
         self.slabs_total
             .saturating_sub(self.assigned.max(self.slabs_used))
@@ -429,6 +439,13 @@ impl Inner {
                         }
                         s.last_seen = Instant::now();
                         s.alive = true;
+                        if !s.ready {
+                            s.ready = true;
+                            if let Some(slabs) = s.join_work.take() {
+                                let me = self.clone();
+                                std::thread::spawn(move || me.finish_join(server_id, slabs));
+                            }
+                        }
                         // The total was fixed at registration; a report can
                         // only say how much of it is in use.
                         s.slabs_used = slabs_used.min(s.slabs_total);
@@ -517,41 +534,45 @@ impl Inner {
                 assigned,
                 last_seen: Instant::now(),
                 alive: true,
+                ready: false,
+                join_work: None,
             },
         );
-        // A previous controller may have died in the middle of moving one
-        // of these slabs, leaving it frozen on the server: every slab of a
-        // committed map must serve, so thaw them all (a no-op for the
-        // others); moves of them wait until this is done. Then make sure no
-        // slab id this controller hands out is already on the server (its
-        // metadata may be older than the server's slabs).
         for s in &slabs {
             st.moving.insert(*s);
         }
-        drop(st);
-        let me = self.clone();
-        std::thread::spawn(move || {
-            let reqs: Vec<Request<'_>> = slabs
-                .iter()
-                .map(|&slab| Request::ThawSlab { slab })
-                .collect();
-            for r in me.admin_calls(id, &reqs) {
-                if let Err((code, msg)) = r {
-                    if code != ErrorCode::UnknownSlab {
-                        warn!("reconciling server {id:016x}: {code}: {msg}");
-                    }
+        if let Some(s) = st.servers.get_mut(&id) {
+            s.join_work = Some(slabs);
+        }
+        Ok(())
+    }
+
+    /// First heartbeat of a server new to this controller: a previous
+    /// controller may have died in the middle of moving one of its slabs,
+    /// leaving it frozen, and every slab of a committed map must serve, so
+    /// thaw them all (a no-op for the others; moves of them wait until this
+    /// is done). Then make sure no slab id this controller hands out is
+    /// already on the server (its metadata may be older than the slabs).
+    fn finish_join(self: &Arc<Self>, id: u64, slabs: Vec<u64>) {
+        let reqs: Vec<Request<'_>> = slabs
+            .iter()
+            .map(|&slab| Request::ThawSlab { slab })
+            .collect();
+        for r in self.admin_calls(id, &reqs) {
+            if let Err((code, msg)) = r {
+                if code != ErrorCode::UnknownSlab {
+                    warn!("reconciling server {id:016x}: {code}: {msg}");
                 }
             }
-            let listed = me.admin_list(id);
-            let mut st = me.state.lock();
-            for s in &slabs {
-                st.moving.remove(s);
-            }
-            if let Some(max) = listed.ok().and_then(|v| v.into_iter().max()) {
-                st.next_slab = st.next_slab.max(max + 1);
-            }
-        });
-        Ok(())
+        }
+        let listed = self.admin_list(id);
+        let mut st = self.state.lock();
+        for s in &slabs {
+            st.moving.remove(s);
+        }
+        if let Some(max) = listed.ok().and_then(|v| v.into_iter().max()) {
+            st.next_slab = st.next_slab.max(max + 1);
+        }
     }
 
     fn client_request(&self, tenant: &str, req: CtlRequest) -> Result<CtlReply, Failure> {
@@ -613,7 +634,7 @@ impl Inner {
                     capacity: s.capacity,
                     slabs_total: s.slabs_total,
                     slabs_used: s.slabs_used.max(s.assigned),
-                    alive: s.alive,
+                    alive: s.usable(),
                     last_seen_ms: s.last_seen.elapsed().as_millis() as u64,
                 })
                 .collect(),
@@ -695,7 +716,7 @@ impl Inner {
             let cands: Vec<Candidate> = st
                 .servers
                 .iter()
-                .filter(|(_, s)| s.alive)
+                .filter(|(_, s)| s.usable())
                 .map(|(id, s)| Candidate {
                     id: *id,
                     free: s.free(),
@@ -892,7 +913,7 @@ impl Inner {
                 Some(addr) => st
                     .servers
                     .iter()
-                    .find(|(_, s)| &s.addr == addr && s.alive)
+                    .find(|(_, s)| &s.addr == addr && s.usable())
                     .map(|(id, s)| (*id, s.free()))
                     .filter(|(id, free)| *id != src.server_id && *free > 0)
                     .map(|(id, _)| id),
@@ -900,7 +921,7 @@ impl Inner {
                     let cands: Vec<Candidate> = st
                         .servers
                         .iter()
-                        .filter(|(id, s)| s.alive && **id != src.server_id)
+                        .filter(|(id, s)| s.usable() && **id != src.server_id)
                         .map(|(id, s)| Candidate {
                             id: *id,
                             free: s.free(),
@@ -1186,7 +1207,7 @@ impl Inner {
             let st = self.state.lock();
             st.servers
                 .iter()
-                .filter(|(_, s)| s.alive)
+                .filter(|(_, s)| s.usable())
                 .map(|(id, _)| *id)
                 .collect()
         };

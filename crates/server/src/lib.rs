@@ -296,8 +296,14 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
         slab_size
     );
     let interval = Duration::from_millis(hb.clamp(10, 60_000));
+    // The first heartbeat goes out at once: it tells the controller the
+    // slabs are carved and the server can take control operations.
+    let mut first = true;
     loop {
-        std::thread::sleep(interval);
+        if !first {
+            std::thread::sleep(interval);
+        }
+        first = false;
         let reply = ctl_call(
             &mut conn,
             &CtlRequest::Heartbeat {
