@@ -143,7 +143,13 @@ pub fn run(cluster: &Cluster, opts: &MicroOptions, raw_addr: &str) -> Result<Rep
         addr: raw_addr.to_string(),
     };
     let mut rows = Vec::new();
-    for op in [Op::Read(64), Op::Write(64), Op::Read(4096), Op::Write(4096)] {
+    for op in [
+        Op::Read(64),
+        Op::Write(64),
+        Op::Read(4096),
+        Op::Write(4096),
+        Op::Read(65536),
+    ] {
         let mut raw_client = raw.connect(opts.inject_latency)?;
         // Alternate raw and Remora in rounds so that drift in the machine's
         // load (it is shared) hits both sides alike.
@@ -510,10 +516,12 @@ impl Report {
             .map(|r| r.remora_lat.p50 / r.raw_lat.p50)
     }
 
-    /// Lowest Remora/raw pipelined throughput ratio over all operations.
+    /// Lowest Remora/raw pipelined throughput ratio over the 64 B and 4 KiB
+    /// operations (the sizes the target is set for).
     pub fn min_pipelined_ratio(&self) -> Option<f64> {
         self.rows
             .iter()
+            .filter(|r| r.name.ends_with(" 64 B") || r.name.ends_with(" 4 KiB"))
             .map(|r| r.remora_opsw / r.raw_opsw)
             .min_by(|a, b| a.total_cmp(b))
     }
@@ -603,7 +611,7 @@ impl fmt::Display for Report {
         if let Some(x) = self.min_pipelined_ratio() {
             writeln!(
                 f,
-                "target: pipelined throughput at least 0.90x of raw (worst operation): {:.2}x ({})",
+                "target: pipelined throughput at least 0.90x of raw (worst 64 B / 4 KiB operation): {:.2}x ({})",
                 x,
                 if x >= 0.90 { "met" } else { "missed" }
             )?;

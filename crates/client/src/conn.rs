@@ -271,7 +271,7 @@ impl Conn {
                         let frame = OwnedFrame {
                             id: f.id,
                             kind: f.kind,
-                            payload: f.payload.to_vec(),
+                            payload: owned(f.payload),
                         };
                         r.consume();
                         self.deliver(frame);
@@ -434,7 +434,7 @@ impl Conn {
                     Ok(Some(f)) => OwnedFrame {
                         id: f.id,
                         kind: f.kind,
-                        payload: f.payload.to_vec(),
+                        payload: owned(f.payload),
                     },
                     Ok(None) => break,
                     Err(source) => {
@@ -574,6 +574,13 @@ impl Conn {
             self.driver_started.store(false, Ordering::Release);
         }
     }
+}
+
+/// An owned copy of a payload (see `remora_proto::copy` for why not `to_vec`).
+fn owned(p: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(p.len());
+    remora_proto::copy::extend(&mut v, p);
+    v
 }
 
 /// Reads on behalf of pending futures; exits when the connection is dropped or dead.

@@ -382,7 +382,7 @@ impl Region {
         let results = b.execute()?;
         for ((_, buf), r) in reqs.iter_mut().zip(results) {
             if let BatchResult::Data(d) = r {
-                buf.copy_from_slice(&d);
+                remora_proto::copy::copy(buf, &d);
             }
         }
         Ok(())
@@ -467,7 +467,20 @@ fn fill(p: &Part, kind: u16, payload: &[u8], buf: &mut [u8]) -> Result<()> {
     check(&p.conn, kind, payload)?;
     match data::decode_reply(kind, payload) {
         Ok(Reply::Data(d)) if d.len() == p.len => {
-            buf[p.buf_off..p.buf_off + p.len].copy_from_slice(d);
+            remora_proto::copy::copy(&mut buf[p.buf_off..p.buf_off + p.len], d);
+            Ok(())
+        }
+        _ => Err(protocol(&p.conn, "expected data of the requested length")),
+    }
+}
+
+/// Appends a part's data; the buffer must end exactly where the part starts
+/// (parts taken in offset order).
+fn append(p: &Part, kind: u16, payload: &[u8], buf: &mut Vec<u8>) -> Result<()> {
+    check(&p.conn, kind, payload)?;
+    match data::decode_reply(kind, payload) {
+        Ok(Reply::Data(d)) if d.len() == p.len && buf.len() == p.buf_off => {
+            remora_proto::copy::extend(buf, d);
             Ok(())
         }
         _ => Err(protocol(&p.conn, "expected data of the requested length")),
@@ -603,21 +616,30 @@ impl Drop for Inflight {
 pub struct ReadFuture {
     inflight: Inflight,
     buf: Vec<u8>,
+    len: usize,
 }
 
 impl ReadFuture {
     fn new(r: Result<Vec<Part>, Attempt>, len: usize) -> Self {
-        let buf = if r.is_ok() { vec![0; len] } else { Vec::new() };
+        // Filled by appending in offset order where possible, so the buffer
+        // is never zeroed first (see `append`).
+        let buf = if r.is_ok() {
+            Vec::with_capacity(len)
+        } else {
+            Vec::new()
+        };
         ReadFuture {
             inflight: Inflight::new(r),
             buf,
+            len,
         }
     }
 
     /// Blocks the calling thread until the read completes.
     pub fn wait(mut self) -> Result<Vec<u8>> {
         let mut buf = std::mem::take(&mut self.buf);
-        self.inflight.wait(|p, k, d| fill(p, k, d, &mut buf))?;
+        // `wait` hands the parts over in offset order.
+        self.inflight.wait(|p, k, d| append(p, k, d, &mut buf))?;
         Ok(buf)
     }
 }
@@ -628,7 +650,19 @@ impl Future for ReadFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let buf = &mut this.buf;
-        match this.inflight.poll(cx, |p, k, d| fill(p, k, d, buf)) {
+        let len = this.len;
+        // Parts may complete in any order here: append when in order,
+        // otherwise zero the buffer once and fill in place.
+        match this.inflight.poll(cx, |p, k, d| {
+            if buf.len() == p.buf_off {
+                append(p, k, d, buf)
+            } else {
+                if buf.len() < len {
+                    buf.resize(len, 0);
+                }
+                fill(p, k, d, buf)
+            }
+        }) {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(std::mem::take(&mut this.buf))),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
@@ -727,7 +761,11 @@ impl Batch<'_> {
     pub fn write(&mut self, off: u64, data: &[u8]) -> &mut Self {
         self.ops.push(BatchOp::Write {
             off,
-            data: data.to_vec(),
+            data: {
+                let mut v = Vec::with_capacity(data.len());
+                remora_proto::copy::extend(&mut v, data);
+                v
+            },
         });
         self
     }
@@ -890,7 +928,7 @@ impl Batch<'_> {
                             (Ok(SubResult::Data(d)), BatchResult::Data(buf))
                                 if d.len() == want && at + d.len() <= buf.len() =>
                             {
-                                buf[at..at + d.len()].copy_from_slice(d)
+                                remora_proto::copy::copy(&mut buf[at..at + d.len()], d)
                             }
                             (Ok(SubResult::Done), BatchResult::Done) => {}
                             (Ok(SubResult::Value(v)), BatchResult::Value(slot)) => *slot = v,

@@ -205,7 +205,11 @@ impl OwnedFrame {
         OwnedFrame {
             id: f.id,
             kind: f.kind,
-            payload: f.payload.to_vec(),
+            payload: {
+                let mut v = Vec::with_capacity(f.payload.len());
+                remora_proto::copy::extend(&mut v, f.payload);
+                v
+            },
         }
     }
 }

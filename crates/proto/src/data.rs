@@ -349,7 +349,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
         Request::Write { at, data } => {
             put_header(out, id, op::WRITE, 24 + data.len());
             put_target(out, at);
-            out.extend_from_slice(data);
+            crate::copy::extend(out, data);
         }
         Request::Cas { at, expected, new } => {
             put_header(out, id, op::CAS, 40);
@@ -365,7 +365,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
         Request::Batch(ops) => {
             put_header(out, id, op::BATCH, 4 + ops.body.len());
             out.extend_from_slice(&ops.count.to_le_bytes());
-            out.extend_from_slice(ops.body);
+            crate::copy::extend(out, ops.body);
         }
         Request::CreateSlab { slab, key } => {
             put_header(out, id, op::CREATE_SLAB, 16);
@@ -452,7 +452,7 @@ impl BatchBuilder {
                 b.extend_from_slice(&op::WRITE.to_le_bytes());
                 put_target(b, at);
                 b.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                b.extend_from_slice(data);
+                crate::copy::extend(b, data);
             }
             SubOp::Cas { at, expected, new } => {
                 b.extend_from_slice(&op::CAS.to_le_bytes());
@@ -734,7 +734,7 @@ pub fn encode_reply(out: &mut Vec<u8>, id: u64, r: &Reply<'_>) {
         }
         Reply::Data(d) => {
             put_header(out, id, reply::DATA, d.len());
-            out.extend_from_slice(d);
+            crate::copy::extend(out, d);
         }
         Reply::Done => put_header(out, id, reply::DONE, 0),
         Reply::Value(v) => {
@@ -744,7 +744,7 @@ pub fn encode_reply(out: &mut Vec<u8>, id: u64, r: &Reply<'_>) {
         Reply::Batch(b) => {
             put_header(out, id, reply::BATCH, 4 + b.body.len());
             out.extend_from_slice(&b.count.to_le_bytes());
-            out.extend_from_slice(b.body);
+            crate::copy::extend(out, b.body);
         }
         Reply::Stats(s) => {
             put_header(out, id, reply::STATS, STATS_LEN);

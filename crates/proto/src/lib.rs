@@ -10,6 +10,7 @@
 //!
 //! The byte-level layout is documented in `docs/protocol.md`.
 
+pub mod copy;
 pub mod ctl;
 pub mod data;
 pub mod frame;

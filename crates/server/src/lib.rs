@@ -45,6 +45,10 @@ pub const MIN_MAX_FRAME: u32 = 64 << 10;
 const PRE_HANDSHAKE_MAX_FRAME: u32 = 4096;
 /// How long a new connection may take to send its handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one send may block before the connection is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Reads at least this large are sent straight from slab memory.
+const DIRECT_MIN: u32 = 16 << 10;
 
 /// Memory server configuration.
 #[derive(Debug, Clone)]
@@ -344,6 +348,9 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
     };
     // Until the handshake: small frames only, and a deadline to send it.
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    // A client that takes no replies for this long is dropped: the server
+    // never blocks forever on a send, least of all holding a slab lock.
+    let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
     let boxed: Box<dyn Stream> = Box::new(stream);
     let mut reader = FramedReader::new(boxed, &peer, PRE_HANDSHAKE_MAX_FRAME, shared.latency);
     let mut st = ConnState {
@@ -376,6 +383,33 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 };
                 let (id, kind) = (f.id, f.kind);
                 let was_greeted = st.greeted;
+                if st.greeted {
+                    if let Ok(Request::Read { at, len }) = decode_request(kind, f.payload) {
+                        if len >= DIRECT_MIN
+                            && len as usize <= shared.cfg.max_frame as usize - HEADER_LEN
+                        {
+                            if let Some(pool) = shared.pool.get() {
+                                flush(&mut writer, &mut out, &peer)?;
+                                match send_direct(pool, &mut writer, id, &at, len) {
+                                    Ok(true) => {
+                                        reader.consume();
+                                        continue;
+                                    }
+                                    // Refused (bad key, range, ...): the
+                                    // ordinary path sends the error.
+                                    Ok(false) => {}
+                                    Err(source) => {
+                                        return Err(NetError::Io {
+                                            op: "write to",
+                                            addr: peer.clone(),
+                                            source,
+                                        })
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
                 let keep = handle(&shared, &mut st, id, kind, f.payload, &mut out);
                 reader.consume();
                 if st.greeted && !was_greeted {
@@ -401,6 +435,38 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
     match result {
         Ok(()) | Err(NetError::Closed { .. }) => debug!("{peer}: connection closed"),
         Err(e) => debug!("{peer}: {e}"),
+    }
+}
+
+/// Sends a large read's reply straight from slab memory (header and slab
+/// bytes in one `writev`), saving the copy into the reply buffer. Holds the
+/// slab's read lock for the send, which [`SEND_TIMEOUT`] bounds. `Ok(false)`
+/// when the read is refused (the caller replies with the error).
+fn send_direct(
+    pool: &SlabPool,
+    w: &mut TcpStream,
+    id: u64,
+    at: &Target,
+    len: u32,
+) -> std::io::Result<bool> {
+    let r = pool.read(at, len, |bytes| {
+        let mut hdr = Vec::with_capacity(HEADER_LEN);
+        put_data_header(&mut hdr, id, bytes.len());
+        let mut bufs = [std::io::IoSlice::new(&hdr), std::io::IoSlice::new(bytes)];
+        let mut left: &mut [std::io::IoSlice<'_>] = &mut bufs;
+        while !left.is_empty() {
+            match w.write_vectored(left) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    });
+    match r {
+        Ok(sent) => sent.map(|()| true),
+        Err(_) => Ok(false),
     }
 }
 
@@ -493,7 +559,7 @@ fn handle(
             } else {
                 let r = pool.read(&at, len, |bytes| {
                     put_data_header(out, id, bytes.len());
-                    out.extend_from_slice(bytes);
+                    remora_proto::copy::extend(out, bytes);
                 });
                 if let Err(code) = r {
                     put_error(out, id, code, &describe(code, &at));
@@ -526,7 +592,7 @@ fn handle(
                         }
                         reply_bytes += len as usize + 6;
                         let r = pool.read(&at, len, |bytes| {
-                            w.data(out, bytes.len(), |d| d.copy_from_slice(bytes))
+                            w.data(out, bytes.len(), |d| remora_proto::copy::copy(d, bytes))
                         });
                         if let Err(code) = r {
                             w.error(out, code);

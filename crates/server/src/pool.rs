@@ -166,7 +166,7 @@ impl SlabPool {
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
-        data.bytes[r].copy_from_slice(bytes);
+        remora_proto::copy::copy(&mut data.bytes[r], bytes);
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
@@ -221,7 +221,7 @@ impl SlabPool {
         };
         let r = self.range(slab, &at, len as u64)?;
         out.clear();
-        out.extend_from_slice(&slab.data.read().bytes[r]);
+        remora_proto::copy::extend(out, &slab.data.read().bytes[r]);
         Ok(())
     }
 
