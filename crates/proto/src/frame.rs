@@ -92,9 +92,13 @@ impl FrameDecoder {
             self.end = 0;
         }
         if self.buf.len() - self.end < min {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
+            // Move the unconsumed bytes to the front when they are at most a
+            // quarter of the buffer (cheap); otherwise grow instead, so a
+            // stream of large frames is not copied over and over.
+            let live = self.end - self.start;
+            if self.start > 0 && live <= self.buf.len() / 4 {
+                move_to_front(&mut self.buf, self.start, self.end);
+                self.end = live;
                 self.start = 0;
             }
             if self.buf.len() - self.end < min {
@@ -177,10 +181,33 @@ impl FrameDecoder {
     }
 }
 
+/// Moves `buf[start..end]` to the front in 64-byte steps (forward, so the
+/// overlap is safe; chunked for the reason in [`crate::copy`]).
+fn move_to_front(buf: &mut [u8], start: usize, end: usize) {
+    let mut tmp = [0u8; 64];
+    let mut i = 0;
+    while start + i < end {
+        let n = (end - start - i).min(64);
+        tmp[..n].copy_from_slice(&buf[start + i..start + i + n]);
+        buf[i..i + n].copy_from_slice(&tmp[..n]);
+        i += n;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn move_to_front_overlapping() {
+        let mut b: Vec<u8> = (0..=255).collect();
+        move_to_front(&mut b, 10, 250);
+        assert_eq!(
+            &b[..240],
+            &(10..250).map(|x| x as u8).collect::<Vec<_>>()[..]
+        );
+    }
 
     fn feed(d: &mut FrameDecoder, bytes: &[u8]) {
         let s = d.spare(bytes.len());
