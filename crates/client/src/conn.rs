@@ -268,11 +268,7 @@ impl Conn {
             Ok(_) => loop {
                 match r.try_frame() {
                     Ok(Some(f)) => {
-                        let frame = OwnedFrame {
-                            id: f.id,
-                            kind: f.kind,
-                            payload: owned(f.payload),
-                        };
+                        let frame = OwnedFrame::from_raw(f);
                         r.consume();
                         self.deliver(frame);
                     }
@@ -431,11 +427,7 @@ impl Conn {
                         // without a copy.
                         return;
                     }
-                    Ok(Some(f)) => OwnedFrame {
-                        id: f.id,
-                        kind: f.kind,
-                        payload: owned(f.payload),
-                    },
+                    Ok(Some(f)) => OwnedFrame::from_raw(f),
                     Ok(None) => break,
                     Err(source) => {
                         drop(r);
@@ -574,13 +566,6 @@ impl Conn {
             self.driver_started.store(false, Ordering::Release);
         }
     }
-}
-
-/// An owned copy of a payload (see `remora_proto::copy` for why not `to_vec`).
-fn owned(p: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(p.len());
-    remora_proto::copy::extend(&mut v, p);
-    v
 }
 
 /// Reads on behalf of pending futures; exits when the connection is dropped or dead.

@@ -237,11 +237,19 @@ impl Region {
         Ok((conn, id))
     }
 
-    fn start_read(&self, map: &RegionMap, offset: u64, len: usize) -> Result<Vec<Part>, Attempt> {
+    /// Sends one request per piece of `[offset, offset+len)`; `make` builds
+    /// it from the piece's target, offset in the caller's buffer and length.
+    fn start_pieces<'d>(
+        &self,
+        map: &RegionMap,
+        offset: u64,
+        len: usize,
+        make: impl Fn(Target, usize, usize) -> Request<'d>,
+    ) -> Result<Vec<Part>, Attempt> {
         let mut parts = Vec::new();
         self.pieces(map, offset, len as u64, |slab, off, n, buf_off| {
             let (at, addr) = Self::target(map, slab, off);
-            let (conn, id) = self.submit(addr, &Request::Read { at, len: n as u32 })?;
+            let (conn, id) = self.submit(addr, &make(at, buf_off, n))?;
             parts.push(Part {
                 conn,
                 id,
@@ -254,27 +262,23 @@ impl Region {
         Ok(parts)
     }
 
+    fn start_read(&self, map: &RegionMap, offset: u64, len: usize) -> Result<Vec<Part>, Attempt> {
+        self.start_pieces(map, offset, len, |at, _, n| Request::Read {
+            at,
+            len: n as u32,
+        })
+    }
+
     fn start_write(
         &self,
         map: &RegionMap,
         offset: u64,
         bytes: &[u8],
     ) -> Result<Vec<Part>, Attempt> {
-        let mut parts = Vec::new();
-        self.pieces(map, offset, bytes.len() as u64, |slab, off, n, buf_off| {
-            let (at, addr) = Self::target(map, slab, off);
-            let data = &bytes[buf_off..buf_off + n];
-            let (conn, id) = self.submit(addr, &Request::Write { at, data })?;
-            parts.push(Part {
-                conn,
-                id,
-                buf_off,
-                len: n,
-            });
-            Ok(())
+        self.start_pieces(map, offset, bytes.len(), |at, buf_off, n| Request::Write {
+            at,
+            data: &bytes[buf_off..buf_off + n],
         })
-        .inspect_err(|_| abandon(&parts))?;
-        Ok(parts)
     }
 
     fn start_atomic(
@@ -761,11 +765,7 @@ impl Batch<'_> {
     pub fn write(&mut self, off: u64, data: &[u8]) -> &mut Self {
         self.ops.push(BatchOp::Write {
             off,
-            data: {
-                let mut v = Vec::with_capacity(data.len());
-                remora_proto::copy::extend(&mut v, data);
-                v
-            },
+            data: remora_proto::copy::to_vec(data),
         });
         self
     }

@@ -218,36 +218,27 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         state: Mutex::new(st),
         admin_conns: Mutex::new(HashMap::new()),
     });
-    {
-        let inner = inner.clone();
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
-            .name("remora-ctl-accept".into())
-            .spawn(move || accept_loop(listener, inner))
+            .name(name.into())
+            .spawn(f)
+            .map(drop)
             .map_err(|source| ControllerError::Bind {
                 addr: addr.clone(),
                 source,
-            })?;
-    }
-    {
-        let inner = inner.clone();
-        std::thread::Builder::new()
-            .name("remora-ctl-detector".into())
-            .spawn(move || detector_loop(inner))
-            .map_err(|source| ControllerError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-    }
-    {
-        let inner = inner.clone();
-        std::thread::Builder::new()
-            .name("remora-ctl-reconcile".into())
-            .spawn(move || reconcile_loop(inner))
-            .map_err(|source| ControllerError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-    }
+            })
+    };
+    let i = inner.clone();
+    spawn(
+        "remora-ctl-accept",
+        Box::new(move || accept_loop(listener, i)),
+    )?;
+    let i = inner.clone();
+    spawn("remora-ctl-detector", Box::new(move || detector_loop(i)))?;
+    spawn(
+        "remora-ctl-reconcile",
+        Box::new(move || reconcile_loop(inner)),
+    )?;
     Ok(ControllerHandle { addr })
 }
 

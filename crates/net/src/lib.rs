@@ -4,8 +4,9 @@
 //! TCP ([`TcpTransport`]) is the only one today, and the trait is the seam for
 //! shared-memory or RDMA transports. [`FramedReader`] pulls whole frames out
 //! of a stream with the sans-IO [`FrameDecoder`]; [`RpcConn`] is a simple
-//! one-request-at-a-time connection for control traffic (the client runtime
-//! has its own pipelined connection). [`LatencyInjector`] holds each received
+//! blocking connection for control traffic, one call or one pipelined burst
+//! at a time (the client runtime has its own multiplexed connection).
+//! [`LatencyInjector`] holds each received
 //! message until a fixed delay after its arrival, which emulates a slower
 //! fabric without limiting how many messages are in flight.
 //!
@@ -201,15 +202,12 @@ pub struct OwnedFrame {
 }
 
 impl OwnedFrame {
-    fn from_raw(f: RawFrame<'_>) -> Self {
+    /// An owned copy of a borrowed frame.
+    pub fn from_raw(f: RawFrame<'_>) -> Self {
         OwnedFrame {
             id: f.id,
             kind: f.kind,
-            payload: {
-                let mut v = Vec::with_capacity(f.payload.len());
-                remora_proto::copy::extend(&mut v, f.payload);
-                v
-            },
+            payload: remora_proto::copy::to_vec(f.payload),
         }
     }
 }
@@ -291,24 +289,20 @@ impl FramedReader {
 
     /// The next buffered frame without reading, held for the injected latency.
     pub fn try_frame(&mut self) -> Result<Option<RawFrame<'_>>, NetError> {
-        // Decide readiness before borrowing the frame for the caller.
-        let ready = match self.dec.peek() {
-            Ok(f) => f.is_some(),
-            Err(source) => {
-                return Err(NetError::Decode {
-                    addr: self.peer.clone(),
-                    source,
-                })
-            }
-        };
-        if !ready {
-            return Ok(None);
-        }
-        self.latency.hold(self.last_arrival);
-        self.dec.peek().map_err(|source| NetError::Decode {
-            addr: self.peer.clone(),
+        let peer = &self.peer;
+        let decode = |source| NetError::Decode {
+            addr: peer.clone(),
             source,
-        })
+        };
+        if !self.latency.delay().is_zero() {
+            // Hold a complete frame before lending it out.
+            match self.dec.peek() {
+                Ok(Some(_)) => self.latency.hold(self.last_arrival),
+                Ok(None) => return Ok(None),
+                Err(source) => return Err(decode(source)),
+            }
+        }
+        self.dec.peek().map_err(decode)
     }
 
     /// Releases the frame returned by [`Self::try_frame`].
@@ -345,7 +339,7 @@ impl FramedReader {
     }
 }
 
-/// A blocking connection with one request in flight at a time, for control traffic.
+/// A blocking connection for control traffic: one call, or one pipelined burst, at a time.
 #[derive(Debug)]
 pub struct RpcConn {
     reader: FramedReader,

@@ -35,6 +35,14 @@ pub fn extend(out: &mut Vec<u8>, src: &[u8]) {
     out.extend_from_slice(chunks.remainder());
 }
 
+/// An owned copy of `src`.
+#[inline]
+pub fn to_vec(src: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(src.len());
+    extend(&mut v, src);
+    v
+}
+
 /// Copies `src` into `dst` (equal lengths, as `copy_from_slice`).
 #[inline]
 pub fn copy(dst: &mut [u8], src: &[u8]) {

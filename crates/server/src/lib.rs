@@ -383,8 +383,9 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 };
                 let (id, kind) = (f.id, f.kind);
                 let was_greeted = st.greeted;
+                let req = decode_request(kind, f.payload);
                 if st.greeted {
-                    if let Ok(Request::Read { at, len }) = decode_request(kind, f.payload) {
+                    if let Ok(Request::Read { at, len }) = req {
                         if len >= DIRECT_MIN
                             && len as usize <= shared.cfg.max_frame as usize - HEADER_LEN
                         {
@@ -410,7 +411,7 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                         }
                     }
                 }
-                let keep = handle(&shared, &mut st, id, kind, f.payload, &mut out);
+                let keep = handle(&shared, &mut st, id, req, &mut out);
                 reader.consume();
                 if st.greeted && !was_greeted {
                     reader.set_max_frame(shared.cfg.max_frame);
@@ -488,11 +489,10 @@ fn handle(
     shared: &Shared,
     st: &mut ConnState,
     id: u64,
-    kind: u16,
-    payload: &[u8],
+    req: Result<Request<'_>, remora_proto::DecodeError>,
     out: &mut Vec<u8>,
 ) -> bool {
-    let req = match decode_request(kind, payload) {
+    let req = match req {
         Ok(r) => r,
         Err(e) => {
             put_error(out, id, ErrorCode::Malformed, &e.to_string());
@@ -545,6 +545,23 @@ fn handle(
         );
         return true;
     };
+    let control = matches!(
+        req,
+        Request::CreateSlab { .. }
+            | Request::DropSlab { .. }
+            | Request::ListSlabs { .. }
+            | Request::ThawSlab { .. }
+            | Request::CopySlab { .. }
+    );
+    if control && !st.admin {
+        put_error(
+            out,
+            id,
+            ErrorCode::NotAuthorized,
+            "control operations need the admin key",
+        );
+        return true;
+    }
     let max_reply = shared.cfg.max_frame as usize - HEADER_LEN;
     match req {
         Request::Hello { .. } => put_error(out, id, ErrorCode::Malformed, "handshake already done"),
@@ -615,88 +632,35 @@ fn handle(
             }
             w.finish(out);
         }
-        Request::CreateSlab { slab, key } => {
-            if !st.admin {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::NotAuthorized,
-                    "create slab needs the admin key",
-                );
-            } else {
-                match pool.create(slab, key) {
-                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
-                    Err(code) => put_error(out, id, code, &format!("create slab {slab}: {code}")),
-                }
-            }
-        }
-        Request::DropSlab { slab } => {
-            if !st.admin {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::NotAuthorized,
-                    "drop slab needs the admin key",
-                );
-            } else {
-                match pool.drop_slab(slab) {
-                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
-                    Err(code) => put_error(out, id, code, &format!("drop slab {slab}: {code}")),
-                }
-            }
-        }
+        Request::CreateSlab { slab, key } => match pool.create(slab, key) {
+            Ok(()) => data::encode_reply(out, id, &Reply::Done),
+            Err(code) => put_error(out, id, code, &format!("create slab {slab}: {code}")),
+        },
+        Request::DropSlab { slab } => match pool.drop_slab(slab) {
+            Ok(()) => data::encode_reply(out, id, &Reply::Done),
+            Err(code) => put_error(out, id, code, &format!("drop slab {slab}: {code}")),
+        },
         Request::ListSlabs { after, max } => {
-            if !st.admin {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::NotAuthorized,
-                    "list slabs needs the admin key",
-                );
-            } else {
-                let max = (max as usize).min(max_reply / 8);
-                let ids = pool.list(after, max);
-                put_data_header(out, id, ids.len() * 8);
-                for i in ids {
-                    out.extend_from_slice(&i.to_le_bytes());
-                }
+            let max = (max as usize).min(max_reply / 8);
+            let ids = pool.list(after, max);
+            put_data_header(out, id, ids.len() * 8);
+            for i in ids {
+                out.extend_from_slice(&i.to_le_bytes());
             }
         }
-        Request::ThawSlab { slab } => {
-            if !st.admin {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::NotAuthorized,
-                    "thaw slab needs the admin key",
-                );
-            } else {
-                match pool.set_frozen(slab, false) {
-                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
-                    Err(code) => put_error(out, id, code, &format!("thaw slab {slab}: {code}")),
-                }
-            }
-        }
+        Request::ThawSlab { slab } => match pool.set_frozen(slab, false) {
+            Ok(()) => data::encode_reply(out, id, &Reply::Done),
+            Err(code) => put_error(out, id, code, &format!("thaw slab {slab}: {code}")),
+        },
         Request::CopySlab {
             slab,
             dest_slab,
             dest_key,
             dest_addr,
-        } => {
-            if !st.admin {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::NotAuthorized,
-                    "copy slab needs the admin key",
-                );
-            } else {
-                match copy_slab(pool, slab, dest_addr, dest_slab, dest_key, &mut st.scratch) {
-                    Ok(()) => data::encode_reply(out, id, &Reply::Done),
-                    Err((code, msg)) => put_error(out, id, code, &msg),
-                }
-            }
-        }
+        } => match copy_slab(pool, slab, dest_addr, dest_slab, dest_key, &mut st.scratch) {
+            Ok(()) => data::encode_reply(out, id, &Reply::Done),
+            Err((code, msg)) => put_error(out, id, code, &msg),
+        },
         Request::Stats => {
             let mut s = pool.stats();
             s.connections = shared.connections.load(Ordering::Relaxed);
