@@ -3,6 +3,17 @@
 //! `up` (embedded cluster), `server`, `controller`, `status`, `region`
 //! (the administrator's tool for far memory) and `bench`.
 
+/// `println!` for command output: a closed pipe (`remora status | head`)
+/// ends the program quietly instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::write_out(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_out(format_args!($($arg)*))
+    };
+}
+
 mod embedded;
 mod region_cmd;
 
@@ -225,6 +236,19 @@ struct MicroArgs {
     inject_latency: Option<Duration>,
 }
 
+/// Writes one line of command output; exits quietly if stdout is closed.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -365,22 +389,22 @@ fn up(a: UpArgs) -> Result<()> {
     let mut cl = Embedded::start(&cfg)?;
     let file = embedded::cluster_file();
     embedded::write_cluster_file(&file, &cl.info)?;
-    println!(
+    outln!(
         "Remora cluster up: {} servers x {}",
         cfg.servers,
         Bytes(cfg.capacity_per_server)
     );
-    println!("  controller  {}", cl.info.controller);
+    outln!("  controller  {}", cl.info.controller);
     for s in &cl.servers {
-        println!("  server      {s}");
+        outln!("  server      {s}");
     }
-    println!("  token       {}", cl.info.token);
-    println!(
+    outln!("  token       {}", cl.info.token);
+    outln!(
         "  cluster file {} (other remora commands use it)",
         file.display()
     );
-    println!("Try: remora status | remora region create demo --size 64MiB");
-    println!("Press Ctrl-C to stop.");
+    outln!("Try: remora status | remora region create demo --size 64MiB");
+    outln!("Press Ctrl-C to stop.");
     let reason = loop {
         if rx.recv_timeout(Duration::from_millis(200)).is_ok() {
             break None;
@@ -396,7 +420,7 @@ fn up(a: UpArgs) -> Result<()> {
     }
     match reason {
         None => {
-            println!("Remora cluster stopped.");
+            outln!("Remora cluster stopped.");
             Ok(())
         }
         Some(r) => bail!("cluster stopped: {r}"),
@@ -406,18 +430,27 @@ fn up(a: UpArgs) -> Result<()> {
 fn status(a: ClientArgs) -> Result<()> {
     let c = a.connect()?;
     let s = c.status()?;
-    println!(
+    outln!(
         "controller {}  tenant {}  slab size {}  placement {}",
         c.controller(),
         c.tenant(),
         Bytes(s.slab_size),
         s.placement
     );
-    println!();
-    println!("SERVERS");
-    println!(
+    outln!();
+    outln!("SERVERS");
+    outln!(
         "{:<22} {:>10} {:>10} {:>10} {:>6}  {:<10} {:>10} {:>10} {:>12} {:>6}",
-        "ADDRESS", "CAPACITY", "USED", "FREE", "USE%", "STATE", "READ", "WRITTEN", "OPS", "CONNS"
+        "ADDRESS",
+        "CAPACITY",
+        "USED",
+        "FREE",
+        "USE%",
+        "STATE",
+        "READ",
+        "WRITTEN",
+        "OPS",
+        "CONNS"
     );
     let (mut cap, mut used) = (0u64, 0u64);
     for sv in &s.servers {
@@ -440,7 +473,7 @@ fn status(a: ClientArgs) -> Result<()> {
             ),
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
-        println!(
+        outln!(
             "{:<22} {:>10} {:>10} {:>10} {:>5.1}%  {:<10} {:>10} {:>10} {:>12} {:>6}",
             sv.addr,
             Bytes(t).to_string(),
@@ -462,21 +495,24 @@ fn status(a: ClientArgs) -> Result<()> {
             conns
         );
     }
-    println!(
+    outln!(
         "{:<22} {:>10} {:>10} {:>10}",
         "total",
         Bytes(cap).to_string(),
         Bytes(used).to_string(),
         Bytes(cap.saturating_sub(used)).to_string()
     );
-    println!();
-    println!("TENANTS");
-    println!(
+    outln!();
+    outln!("TENANTS");
+    outln!(
         "{:<16} {:>10} {:>10} {:>8}",
-        "NAME", "QUOTA", "USED", "REGIONS"
+        "NAME",
+        "QUOTA",
+        "USED",
+        "REGIONS"
     );
     for t in &s.tenants {
-        println!(
+        outln!(
             "{:<16} {:>10} {:>10} {:>8}",
             t.name,
             t.quota
@@ -485,7 +521,7 @@ fn status(a: ClientArgs) -> Result<()> {
             t.regions
         );
     }
-    println!();
+    outln!();
     region_cmd::print_regions(&s.regions);
     Ok(())
 }
@@ -525,15 +561,19 @@ fn micro(a: MicroArgs) -> Result<()> {
         },
         &raw.addr,
     )?;
-    println!("{report}");
+    outln!("{report}");
     Ok(())
 }
 
 fn slabs(sizes: Vec<u64>) -> Result<()> {
-    println!("Slab size comparison: 3 servers x 1 GiB on loopback, one cluster per size");
-    println!(
+    outln!("Slab size comparison: 3 servers x 1 GiB on loopback, one cluster per size");
+    outln!(
         "{:>10} {:>14} {:>16} {:>14} {:>18}",
-        "slab", "alloc 256MiB", "map bytes/GiB", "stream GB/s", "small-region use"
+        "slab",
+        "alloc 256MiB",
+        "map bytes/GiB",
+        "stream GB/s",
+        "small-region use"
     );
     for size in sizes {
         let cfg = EmbeddedConfig {
@@ -548,7 +588,7 @@ fn slabs(sizes: Vec<u64>) -> Result<()> {
         let cl = Embedded::start(&cfg)?;
         let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
         let r = remora_bench::slabs::measure(&cluster)?;
-        println!(
+        outln!(
             "{:>10} {:>11.1} ms {:>16.0} {:>14.2} {:>17.2}x",
             Bytes(r.slab_size).to_string(),
             r.alloc_ms,

@@ -92,7 +92,7 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             let r = c
                 .alloc_named(&name, size)
                 .with_context(|| format!("creating region {name:?}"))?;
-            println!(
+            outln!(
                 "created region {name} (id {}, {}, {} slabs)",
                 r.id(),
                 Bytes(r.size()),
@@ -196,7 +196,7 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
                 .move_slab(r.id(), slab, to.as_deref())
                 .with_context(|| format!("moving slab {slab} of region {name:?}"))?;
             let dest = &m.slabs[slab as usize].addr;
-            println!(
+            outln!(
                 "moved slab {slab} of {name} from {from} to {dest} (map version {})",
                 m.version
             );
@@ -205,7 +205,7 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
         RegionCmd::Show { name, client } => {
             let (_, r) = open(&client, &name)?;
             let m = r.map();
-            println!(
+            outln!(
                 "region {name} (id {}): {}, {} slabs of {}, map version {}",
                 m.id,
                 Bytes(m.size),
@@ -213,16 +213,16 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
                 Bytes(m.slab_size),
                 m.version
             );
-            println!("{:>6} {:>14} {:<22}", "SLAB", "OFFSET", "SERVER");
+            outln!("{:>6} {:>14} {:<22}", "SLAB", "OFFSET", "SERVER");
             for (i, s) in m.slabs.iter().enumerate() {
-                println!("{:>6} {:>14} {:<22}", i, i as u64 * m.slab_size, s.addr);
+                outln!("{:>6} {:>14} {:<22}", i, i as u64 * m.slab_size, s.addr);
             }
             Ok(())
         }
         RegionCmd::Rm { name, client } => {
             let (c, r) = open(&client, &name)?;
             c.free_region(r.id())?;
-            println!("removed region {name}");
+            outln!("removed region {name}");
             Ok(())
         }
     }
@@ -254,13 +254,18 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 pub fn print_regions(regions: &[RegionSummary]) {
-    println!("REGIONS");
-    println!(
+    outln!("REGIONS");
+    outln!(
         "{:<6} {:<24} {:<12} {:>10} {:>7} {:>8}",
-        "ID", "NAME", "TENANT", "SIZE", "SLABS", "VERSION"
+        "ID",
+        "NAME",
+        "TENANT",
+        "SIZE",
+        "SLABS",
+        "VERSION"
     );
     for r in regions {
-        println!(
+        outln!(
             "{:<6} {:<24} {:<12} {:>10} {:>7} {:>8}",
             r.id,
             r.name.as_deref().unwrap_or("-"),

@@ -66,6 +66,17 @@ fn region_commands_stream_files_in_and_out() {
         status.contains("WRITTEN") && status.contains("MiB"),
         "{status}"
     );
+    // A reader that goes away (`remora status | head -1`) ends it quietly.
+    let mut c = tc.remora(&["status"]);
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
 
     // Errors are clear and exit non-zero.
     let e = run_err(tc.remora(&["region", "create", "x", "--size", "12 parsecs"]));
