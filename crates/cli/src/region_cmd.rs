@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use remora_client::Redundancy;
 use remora_client::RegionSummary;
 use remora_proto::size::Bytes;
 
@@ -25,6 +26,11 @@ pub enum RegionCmd {
         /// Size (e.g. 64MiB, 1GiB).
         #[arg(long, value_parser = size_arg)]
         size: u64,
+        /// How the region survives the loss of servers: none,
+        /// replicate:N (N copies), or erasure:K+M (Reed-Solomon, K data and
+        /// M parity slabs per stripe; M servers may be lost).
+        #[arg(long, default_value = "none")]
+        redundancy: Redundancy,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -87,16 +93,22 @@ pub enum RegionCmd {
 
 pub fn run(cmd: RegionCmd) -> Result<()> {
     match cmd {
-        RegionCmd::Create { name, size, client } => {
+        RegionCmd::Create {
+            name,
+            size,
+            redundancy,
+            client,
+        } => {
             let c = client.connect()?;
             let r = c
-                .alloc_named(&name, size)
+                .alloc_with(size, Some(&name), redundancy)
                 .with_context(|| format!("creating region {name:?}"))?;
+            let m = r.map();
             outln!(
-                "created region {name} (id {}, {}, {} slabs)",
+                "created region {name} (id {}, {}, {redundancy}, {} slabs)",
                 r.id(),
                 Bytes(r.size()),
-                r.map().slabs.len()
+                m.slabs.len() + m.extra.len()
             );
             Ok(())
         }
@@ -121,6 +133,12 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
                         r.size(),
                         pos + n as u64
                     );
+                }
+                if r.redundancy() != Redundancy::None {
+                    // Failover and parity updates run in the blocking form.
+                    r.write(pos, &buf[..n])?;
+                    pos += n as u64;
+                    continue;
                 }
                 if inflight.len() >= IN_FLIGHT {
                     let f: remora_client::OpFuture<()> = inflight.pop_front().context("queue")?;
@@ -159,6 +177,18 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             let mut out = std::io::stdout().lock();
             let mut next = offset;
             let end = offset + len;
+            if r.redundancy() != Redundancy::None {
+                let mut buf = vec![0u8; CHUNK];
+                while next < end {
+                    let n = (end - next).min(CHUNK as u64) as usize;
+                    r.read(next, &mut buf[..n])?;
+                    out.write_all(&buf[..n])
+                        .context("writing standard output")?;
+                    next += n as u64;
+                }
+                out.flush().context("writing standard output")?;
+                return Ok(());
+            }
             let mut inflight = VecDeque::new();
             while next < end || !inflight.is_empty() {
                 while next < end && inflight.len() < IN_FLIGHT {
@@ -188,14 +218,18 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             let (c, r) = open(&client, &name)?;
             let from = r
                 .map()
-                .slabs
-                .get(slab as usize)
+                .pieces()
+                .nth(slab as usize)
                 .map(|s| s.addr.clone())
                 .unwrap_or_default();
             let m = c
                 .move_slab(r.id(), slab, to.as_deref())
                 .with_context(|| format!("moving slab {slab} of region {name:?}"))?;
-            let dest = &m.slabs[slab as usize].addr;
+            let dest = m
+                .pieces()
+                .nth(slab as usize)
+                .map(|s| s.addr.clone())
+                .unwrap_or_default();
             outln!(
                 "moved slab {slab} of {name} from {from} to {dest} (map version {})",
                 m.version
@@ -206,16 +240,33 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             let (_, r) = open(&client, &name)?;
             let m = r.map();
             outln!(
-                "region {name} (id {}): {}, {} slabs of {}, map version {}",
+                "region {name} (id {}): {}, {}, {} data + {} redundant slabs of {}, map version {}",
                 m.id,
                 Bytes(m.size),
+                m.redundancy,
                 m.slabs.len(),
+                m.extra.len(),
                 Bytes(m.slab_size),
                 m.version
             );
-            outln!("{:>6} {:>14} {:<22}", "SLAB", "OFFSET", "SERVER");
-            for (i, s) in m.slabs.iter().enumerate() {
-                outln!("{:>6} {:>14} {:<22}", i, i as u64 * m.slab_size, s.addr);
+            outln!(
+                "{:>6} {:<10} {:>14} {:<22} {}",
+                "SLAB",
+                "ROLE",
+                "OFFSET",
+                "SERVER",
+                "STATE"
+            );
+            for (i, s) in m.pieces().enumerate() {
+                let (role, offset) = piece_role(&m, i);
+                outln!(
+                    "{:>6} {:<10} {:>14} {:<22} {}",
+                    i,
+                    role,
+                    offset.map_or("-".to_string(), |o| o.to_string()),
+                    s.addr,
+                    if s.lost { "LOST" } else { "ok" }
+                );
             }
             Ok(())
         }
@@ -253,25 +304,51 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// What piece `i` of a map is, and the region offset of its bytes.
+fn piece_role(m: &remora_proto::ctl::RegionMap, i: usize) -> (String, Option<u64>) {
+    let n = m.slabs.len();
+    if i < n {
+        return ("data".into(), Some(i as u64 * m.slab_size));
+    }
+    let j = i - n;
+    match m.redundancy {
+        Redundancy::Replicate(c) => {
+            let slab = j / (c as usize - 1).max(1);
+            (format!("copy:{slab}"), Some(slab as u64 * m.slab_size))
+        }
+        Redundancy::Erasure { parity, .. } => {
+            (format!("parity:{}", j / parity.max(1) as usize), None)
+        }
+        Redundancy::None => ("?".into(), None),
+    }
+}
+
 pub fn print_regions(regions: &[RegionSummary]) {
     outln!("REGIONS");
     outln!(
-        "{:<6} {:<24} {:<12} {:>10} {:>7} {:>8}",
+        "{:<6} {:<24} {:<12} {:>10} {:<14} {:>7} {:>8}",
         "ID",
         "NAME",
         "TENANT",
         "SIZE",
+        "REDUNDANCY",
         "SLABS",
         "VERSION"
     );
     for r in regions {
+        let slabs = if r.lost > 0 {
+            format!("{} ({} lost)", r.pieces, r.lost)
+        } else {
+            r.pieces.to_string()
+        };
         outln!(
-            "{:<6} {:<24} {:<12} {:>10} {:>7} {:>8}",
+            "{:<6} {:<24} {:<12} {:>10} {:<14} {:>7} {:>8}",
             r.id,
             r.name.as_deref().unwrap_or("-"),
             r.tenant,
             Bytes(r.size).to_string(),
-            r.slabs,
+            r.redundancy.to_string(),
+            slabs,
             r.version
         );
     }

@@ -75,7 +75,7 @@ impl Raw {
 
     fn hello(&mut self, admin_key: u64) {
         let mut b = Vec::new();
-        data::hello(&mut b, 1, admin_key);
+        data::hello(&mut b, 1, admin_key, 7);
         self.send(&b);
         match self.recv() {
             Got::Reply(1, kind, p) => assert!(matches!(
@@ -156,6 +156,7 @@ fn bad_input_gets_errors_and_other_clients_are_unaffected() {
         &Request::Hello {
             version: 999,
             admin_key: 0,
+            session: 0,
         },
     );
     g.expect_error(ErrorCode::UnsupportedVersion);
@@ -198,6 +199,7 @@ fn bad_input_gets_errors_and_other_clients_are_unaffected() {
         &Request::Faa {
             at: at(loc.key, 3),
             delta: 1,
+            rid: 0,
         },
     );
     g.expect_error(ErrorCode::Unaligned);

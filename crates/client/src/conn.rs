@@ -90,6 +90,7 @@ impl Conn {
         connect_timeout: Duration,
         timeout: Duration,
         latency: LatencyInjector,
+        session: u64,
     ) -> Result<Arc<Conn>, ClientError> {
         let net = |source: NetError| ClientError::net(addr, source);
         let s = transport.connect(addr, connect_timeout).map_err(net)?;
@@ -104,7 +105,7 @@ impl Conn {
         s.set_read_timeout(Some(READ_TICK)).map_err(io)?;
         let mut r = FramedReader::new(s, addr, remora_proto::frame::DEFAULT_MAX_FRAME, latency);
         let mut buf = Vec::new();
-        data::hello(&mut buf, 0, 0);
+        data::hello(&mut buf, 0, 0, session);
         w.write_all(&buf).map_err(|source| {
             net(NetError::Io {
                 op: "write to",
@@ -169,6 +170,16 @@ impl Conn {
         &self,
         encode: impl FnOnce(&mut Vec<u8>, u64),
     ) -> Result<u64, ClientError> {
+        self.submit_within(encode, self.timeout)
+    }
+
+    /// Like [`Conn::submit`], with a deadline of `timeout` from now instead
+    /// of the connection's.
+    pub(crate) fn submit_within(
+        &self,
+        encode: impl FnOnce(&mut Vec<u8>, u64),
+        timeout: Duration,
+    ) -> Result<u64, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut st = self.state.lock();
@@ -179,7 +190,7 @@ impl Conn {
                 id,
                 Slot::Pending {
                     waker: None,
-                    deadline: Instant::now() + self.timeout,
+                    deadline: Instant::now() + timeout,
                 },
             );
         }

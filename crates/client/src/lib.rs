@@ -16,9 +16,17 @@
 //!
 //! Failure handling: every request has a deadline; a dropped connection is
 //! replaced on next use; reads and writes (idempotent) are retried after a
-//! reconnect or a map refresh; atomics are not retried once sent, since the
-//! server may have applied them. A server that no longer knows a slab
-//! triggers a refresh of the region map from the controller.
+//! reconnect or a map refresh; atomics carry a request id (unique in this
+//! client's session) so that a retry after a lost reply is applied once. A
+//! server that no longer knows a slab triggers a refresh of the region map
+//! from the controller.
+//!
+//! Redundancy: a region allocated with [`Redundancy::Replicate`] or
+//! [`Redundancy::Erasure`] survives the loss of servers; its operations
+//! fail over to other copies or reconstruct from parity, and wait (up to
+//! [`ClientOptions::failover_timeout`]) while the controller declares a
+//! server dead and rebuilds its slabs. See the `redundant` module for the
+//! consistency each scheme gives.
 //!
 //! Sharing: [`FarMutex`] and [`FarBarrier`] coordinate clients that share a
 //! named region, using the servers' compare-and-swap and fetch-and-add.
@@ -33,6 +41,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use remora_net::{LatencyInjector, NetError, RpcConn, TcpTransport, Transport};
+pub use remora_proto::ctl::Redundancy;
 use remora_proto::ctl::{self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap};
 use remora_proto::data;
 pub use remora_proto::data::ServerStats;
@@ -112,6 +121,25 @@ pub enum ClientError {
         /// Offset.
         offset: u64,
     },
+    /// The bytes were on a server that died, and the region has no copy or
+    /// parity left to rebuild them from.
+    #[error("region {region}: the data at offset {offset} was lost with its server ({detail})")]
+    DataLost {
+        /// Region id.
+        region: u64,
+        /// Offset of the first lost byte asked for.
+        offset: u64,
+        /// Which slab, and why.
+        detail: String,
+    },
+    /// The operation is not available on this region.
+    #[error("region {region}: {what}")]
+    Unsupported {
+        /// Region id.
+        region: u64,
+        /// What is not supported, and what to use instead.
+        what: String,
+    },
     /// The peer answered something this client does not understand.
     #[error("{addr}: protocol error: {detail}")]
     Protocol {
@@ -142,6 +170,8 @@ impl ClientError {
             ClientError::Rejected { code, .. } | ClientError::Remote { code, .. } => Some(*code),
             ClientError::OutOfRange { .. } => Some(ErrorCode::OutOfRange),
             ClientError::Unaligned { .. } => Some(ErrorCode::Unaligned),
+            ClientError::DataLost { .. } => Some(ErrorCode::DataLost),
+            ClientError::Unsupported { .. } => Some(ErrorCode::Unsupported),
             ClientError::Server { .. } | ClientError::Timeout { .. } => {
                 Some(ErrorCode::ServerUnavailable)
             }
@@ -177,6 +207,15 @@ pub struct ClientOptions {
     pub max_io: usize,
     /// How often a failed idempotent request is retried.
     pub retries: u32,
+    /// How long an operation on a region with redundancy keeps failing over
+    /// and waiting for the cluster to settle (a server declared dead, a
+    /// slab rebuilt) before it gives up. Should exceed the controller's
+    /// `dead_after`.
+    pub failover_timeout: Duration,
+    /// A read of a replicated or erasure-coded region that has no reply
+    /// after this long goes to another copy or is reconstructed from the
+    /// other pieces instead (bounds the tail when a server is slow).
+    pub hedge_after: Duration,
 }
 
 impl Default for ClientOptions {
@@ -188,6 +227,8 @@ impl Default for ClientOptions {
             inject_latency: Duration::ZERO,
             max_io: 1 << 20,
             retries: 3,
+            failover_timeout: Duration::from_secs(10),
+            hedge_after: Duration::from_millis(50),
         }
     }
 }
@@ -215,6 +256,10 @@ pub(crate) struct Inner {
     /// One slot per server address; a slot's lock is held while connecting
     /// to that server only.
     conns: Mutex<HashMap<String, ConnSlot>>,
+    /// Random id of this client, sent in every server handshake: servers
+    /// remember atomics by (session, request id).
+    session: u64,
+    next_rid: std::sync::atomic::AtomicU64,
 }
 
 impl Cluster {
@@ -233,6 +278,13 @@ impl Cluster {
             transport: Arc::new(TcpTransport),
             ctl: Mutex::new(Vec::new()),
             conns: Mutex::new(HashMap::new()),
+            session: loop {
+                let v: u64 = rand::random();
+                if v != 0 {
+                    break v;
+                }
+            },
+            next_rid: std::sync::atomic::AtomicU64::new(1),
         };
         let (conn, tenant) = inner.ctl_connect()?;
         inner.tenant = tenant;
@@ -254,19 +306,29 @@ impl Cluster {
 
     /// Allocates an unnamed region of `size` bytes.
     pub fn alloc_region(&self, size: u64) -> Result<Region> {
-        self.alloc(size, None)
+        self.alloc_with(size, None, Redundancy::None)
     }
 
     /// Allocates a region that other clients of the tenant can open by `name`.
     pub fn alloc_named(&self, name: &str, size: u64) -> Result<Region> {
-        self.alloc(size, Some(name.to_string()))
+        self.alloc_with(size, Some(name), Redundancy::None)
     }
 
-    fn alloc(&self, size: u64, name: Option<String>) -> Result<Region> {
-        match self
-            .inner
-            .ctl_call(&CtlRequest::Alloc { size, name }, false)?
-        {
+    /// Allocates a region, optionally named, that survives the loss of
+    /// servers as `redundancy` says (it costs `redundancy`'s memory overhead
+    /// in quota).
+    pub fn alloc_with(
+        &self,
+        size: u64,
+        name: Option<&str>,
+        redundancy: Redundancy,
+    ) -> Result<Region> {
+        let req = CtlRequest::Alloc {
+            size,
+            name: name.map(str::to_string),
+            redundancy,
+        };
+        match self.inner.ctl_call(&req, false)? {
             CtlReply::Region(map) => Region::new(self.inner.clone(), map),
             other => Err(unexpected(&self.inner.controller, &other)),
         }
@@ -448,9 +510,16 @@ impl Inner {
             self.opts.connect_timeout,
             self.opts.request_timeout,
             LatencyInjector::new(self.opts.inject_latency),
+            self.session,
         )?;
         *slot = Some(c.clone());
         Ok(c)
+    }
+
+    /// A request id for an atomic, unique within this client's session.
+    pub(crate) fn next_rid(&self) -> u64 {
+        self.next_rid
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drops a broken connection so the next use reconnects.

@@ -8,12 +8,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use remora_proto::ctl::RegionMap;
+use remora_proto::ctl::{Redundancy, RegionMap};
 use remora_proto::data::{self, BatchBuilder, Reply, Request, SubOp, SubResult, Target};
 use remora_proto::ErrorCode;
 
 use crate::conn::Conn;
 use crate::{ClientError, FarBarrier, FarMutex, Inner, Result};
+
+#[path = "redundant.rs"]
+mod redundant;
+
+/// Stripe locks per region (erasure coding; see `redundant`).
+const STRIPE_LOCKS: usize = 64;
 
 /// A far memory region `[0, size)` of one tenant.
 ///
@@ -23,6 +29,12 @@ pub struct Region {
     inner: Arc<Inner>,
     id: u64,
     map: RwLock<Arc<RegionMap>>,
+    redundancy: Redundancy,
+    /// Erasure-coded regions: this client's writes to a stripe hold its lock
+    /// shared, and reconstructions and parity repairs hold it exclusive, so
+    /// that this client never decodes a stripe it is half-way through
+    /// updating. Indexed by stripe modulo [`STRIPE_LOCKS`].
+    stripes: Vec<RwLock<()>>,
 }
 
 /// One request in flight: the connection, the request id, and where its
@@ -68,7 +80,9 @@ impl Region {
         Ok(Region {
             inner,
             id: map.id,
+            redundancy: map.redundancy,
             map: RwLock::new(Arc::new(map)),
+            stripes: (0..STRIPE_LOCKS).map(|_| RwLock::new(())).collect(),
         })
     }
 
@@ -85,6 +99,11 @@ impl Region {
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.map.read().size
+    }
+
+    /// How the region survives the loss of servers.
+    pub fn redundancy(&self) -> Redundancy {
+        self.redundancy
     }
 
     /// Bytes per slab.
@@ -145,16 +164,47 @@ impl Region {
         Ok(())
     }
 
-    fn target(map: &RegionMap, slab: usize, offset: u64) -> (Target, &str) {
+    /// Where byte `offset` of slab `slab` lives; a lost slab (its server
+    /// died, and the region has no redundancy) is an error.
+    fn target<'m>(
+        &self,
+        map: &'m RegionMap,
+        slab: usize,
+        offset: u64,
+    ) -> Result<(Target, &'m str), Attempt> {
         let loc = &map.slabs[slab];
-        (
+        if loc.lost {
+            return Err(unsent(self.lost(map, slab, offset)));
+        }
+        Ok((
             Target {
                 slab: loc.slab,
                 key: loc.key,
                 offset,
             },
             &loc.addr,
-        )
+        ))
+    }
+
+    fn lost(&self, map: &RegionMap, slab: usize, offset: u64) -> ClientError {
+        ClientError::DataLost {
+            region: self.id,
+            offset: slab as u64 * map.slab_size + offset,
+            detail: format!(
+                "slab {slab} was on server {} ({})",
+                map.slabs[slab].addr, map.redundancy
+            ),
+        }
+    }
+
+    fn unsupported(&self, what: &str) -> ClientError {
+        ClientError::Unsupported {
+            region: self.id,
+            what: format!(
+                "{what} is not available on regions with redundancy ({}); use the blocking forms",
+                self.redundancy
+            ),
+        }
     }
 
     /// Runs `op` against the current map, refreshing the map or reconnecting
@@ -183,18 +233,21 @@ impl Region {
                         | ErrorCode::BadCapability
                         | ErrorCode::SlabFrozen
                         | ErrorCode::NotReady
+                        | ErrorCode::Fenced
                 )
             );
             let may = !sent
                 || match policy {
                     Retry::Idempotent => true,
-                    Retry::Atomic => refused,
+                    // The request id makes a resend safe (the operation
+                    // checks it goes to the same slab).
+                    Retry::Atomic => refused || err.is_unavailable(),
                     Retry::Never => false,
                 };
             if !may {
                 return Err(err);
             }
-            if code == Some(ErrorCode::SlabFrozen) {
+            if matches!(code, Some(ErrorCode::SlabFrozen | ErrorCode::Fenced)) {
                 // A slab is being moved: wait for the new map.
                 if started.elapsed() > self.inner.opts.request_timeout {
                     return Err(err);
@@ -217,7 +270,7 @@ impl Region {
                     }
                 }
                 Some(ErrorCode::ServerUnavailable | ErrorCode::NotReady) => {
-                    for loc in &map.slabs {
+                    for loc in map.pieces() {
                         self.inner.forget_conn(&loc.addr);
                     }
                     std::thread::sleep(Duration::from_millis(20 * attempt as u64));
@@ -248,7 +301,7 @@ impl Region {
     ) -> Result<Vec<Part>, Attempt> {
         let mut parts = Vec::new();
         self.pieces(map, offset, len as u64, |slab, off, n, buf_off| {
-            let (at, addr) = Self::target(map, slab, off);
+            let (at, addr) = self.target(map, slab, off)?;
             let (conn, id) = self.submit(addr, &make(at, buf_off, n))?;
             parts.push(Part {
                 conn,
@@ -295,7 +348,7 @@ impl Region {
             }));
         }
         let slab = (offset / map.slab_size) as usize;
-        let (at, addr) = Self::target(map, slab, offset % map.slab_size);
+        let (at, addr) = self.target(map, slab, offset % map.slab_size)?;
         let (conn, id) = self.submit(addr, &make(at))?;
         Ok(vec![Part {
             conn,
@@ -307,6 +360,9 @@ impl Region {
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if self.redundancy != Redundancy::None {
+            return self.redundant_read(offset, buf);
+        }
         self.retrying(Retry::Idempotent, |map| {
             let parts = self.start_read(map, offset, buf.len())?;
             wait_all(parts, |p, k, d| fill(p, k, d, buf))
@@ -315,6 +371,9 @@ impl Region {
 
     /// Writes `data` at `offset`.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.redundancy != Redundancy::None {
+            return self.redundant_write(offset, data);
+        }
         self.retrying(Retry::Idempotent, |map| {
             let parts = self.start_write(map, offset, data)?;
             wait_all(parts, expect_done)
@@ -324,8 +383,54 @@ impl Region {
     /// Atomically sets the 8-byte word at `offset` to `new` if it equals
     /// `expected`; returns the previous value (equal to `expected` on success).
     pub fn compare_and_swap(&self, offset: u64, expected: u64, new: u64) -> Result<u64> {
+        let rid = self.inner.next_rid();
+        if self.redundancy != Redundancy::None {
+            return self.redundant_atomic(
+                offset,
+                rid,
+                |old| (old == expected).then_some(new).unwrap_or(old),
+                |at, rid| Request::Cas {
+                    at,
+                    expected,
+                    new,
+                    rid,
+                },
+            );
+        }
+        self.atomic_once(offset, move |at| Request::Cas {
+            at,
+            expected,
+            new,
+            rid,
+        })
+    }
+
+    /// Runs an atomic with a request id: resent after a lost reply or a
+    /// reconnect (the server applies it once), but never to another slab
+    /// than the one that may have applied it.
+    fn atomic_once(&self, offset: u64, make: impl Fn(Target) -> Request<'static>) -> Result<u64> {
+        let tried: std::cell::Cell<Option<u64>> = std::cell::Cell::new(None);
         self.retrying(Retry::Atomic, |map| {
-            let parts = self.start_atomic(map, offset, |at| Request::Cas { at, expected, new })?;
+            let slab = (offset / map.slab_size.max(1)) as usize;
+            if let (Some(prev), Some(loc)) = (tried.get(), map.slabs.get(slab)) {
+                if prev != loc.slab {
+                    return Err(Attempt {
+                        err: ClientError::Remote {
+                            addr: loc.addr.clone(),
+                            code: ErrorCode::ServerUnavailable,
+                            message: format!(
+                                "region {}: the outcome of an atomic at offset {offset} is unknown: its slab moved while the reply was lost",
+                                self.id
+                            ),
+                        },
+                        sent: true,
+                    });
+                }
+            }
+            let parts = self.start_atomic(map, offset, &make)?;
+            if let Some(loc) = map.slabs.get(slab) {
+                tried.set(Some(loc.slab));
+            }
             let mut v = 0;
             wait_all(parts, |p, k, d| value(p, k, d, &mut v))?;
             Ok(v)
@@ -334,12 +439,16 @@ impl Region {
 
     /// Atomically adds `delta` (wrapping) to the 8-byte word at `offset`; returns the previous value.
     pub fn fetch_add(&self, offset: u64, delta: u64) -> Result<u64> {
-        self.retrying(Retry::Atomic, |map| {
-            let parts = self.start_atomic(map, offset, |at| Request::Faa { at, delta })?;
-            let mut v = 0;
-            wait_all(parts, |p, k, d| value(p, k, d, &mut v))?;
-            Ok(v)
-        })
+        let rid = self.inner.next_rid();
+        if self.redundancy != Redundancy::None {
+            return self.redundant_atomic(
+                offset,
+                rid,
+                |old| old.wrapping_add(delta),
+                |at, rid| Request::Faa { at, delta, rid },
+            );
+        }
+        self.atomic_once(offset, move |at| Request::Faa { at, delta, rid })
     }
 
     /// Starts a read of `len` bytes at `offset`; the future yields the bytes.
@@ -349,36 +458,64 @@ impl Region {
     /// the caller decides (the sync forms retry). Dropping the future
     /// abandons the result (the request may still be executed).
     pub fn read_async(&self, offset: u64, len: usize) -> ReadFuture {
+        if self.redundancy != Redundancy::None {
+            return ReadFuture::new(Err(unsent(self.unsupported("read_async"))), len);
+        }
         let map = self.map.read().clone();
         ReadFuture::new(self.start_read(&map, offset, len), len)
     }
 
     /// Starts a write of `data` at `offset` (the data is sent before this returns).
     pub fn write_async(&self, offset: u64, data: &[u8]) -> OpFuture<()> {
+        if self.redundancy != Redundancy::None {
+            return OpFuture::new(Err(unsent(self.unsupported("write_async"))), |_| ());
+        }
         let map = self.map.read().clone();
         OpFuture::new(self.start_write(&map, offset, data), |_| ())
     }
 
     /// Starts a compare-and-swap; the future yields the previous value.
     pub fn compare_and_swap_async(&self, offset: u64, expected: u64, new: u64) -> OpFuture<u64> {
+        if self.redundancy != Redundancy::None {
+            return OpFuture::new(
+                Err(unsent(self.unsupported("compare_and_swap_async"))),
+                |v| v,
+            );
+        }
         let map = self.map.read().clone();
+        let rid = self.inner.next_rid();
         OpFuture::new(
-            self.start_atomic(&map, offset, |at| Request::Cas { at, expected, new }),
+            self.start_atomic(&map, offset, |at| Request::Cas {
+                at,
+                expected,
+                new,
+                rid,
+            }),
             |v| v,
         )
     }
 
     /// Starts a fetch-and-add; the future yields the previous value.
     pub fn fetch_add_async(&self, offset: u64, delta: u64) -> OpFuture<u64> {
+        if self.redundancy != Redundancy::None {
+            return OpFuture::new(Err(unsent(self.unsupported("fetch_add_async"))), |v| v);
+        }
         let map = self.map.read().clone();
+        let rid = self.inner.next_rid();
         OpFuture::new(
-            self.start_atomic(&map, offset, |at| Request::Faa { at, delta }),
+            self.start_atomic(&map, offset, |at| Request::Faa { at, delta, rid }),
             |v| v,
         )
     }
 
     /// Reads several ranges, one batch frame per server.
     pub fn read_vectored(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
+        if self.redundancy != Redundancy::None {
+            for (off, buf) in reqs.iter_mut() {
+                self.read(*off, buf)?;
+            }
+            return Ok(());
+        }
         let mut b = self.batch();
         for (off, buf) in reqs.iter() {
             b.read(*off, buf.len());
@@ -394,6 +531,12 @@ impl Region {
 
     /// Writes several ranges, one batch frame per server.
     pub fn write_vectored(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
+        if self.redundancy != Redundancy::None {
+            for (off, data) in reqs {
+                self.write(*off, data)?;
+            }
+            return Ok(());
+        }
         let mut b = self.batch();
         for (off, data) in reqs {
             b.write(*off, data);
@@ -424,6 +567,23 @@ impl Region {
 /// Checks that a map from the controller covers its region exactly, so that
 /// offset arithmetic on it can neither divide by zero nor index past it.
 fn validate(inner: &Inner, m: &RegionMap) -> Result<()> {
+    let n = m.slabs.len() as u64;
+    let shape_ok = m.redundancy.validate().is_ok()
+        && m.extra.len() as u64 == m.redundancy.extra_slabs(n)
+        && (!matches!(m.redundancy, Redundancy::Erasure { .. })
+            || m.slab_size.is_multiple_of(remora_proto::erasure::BLOCK));
+    if !shape_ok {
+        return Err(ClientError::Protocol {
+            addr: inner.controller.clone(),
+            detail: format!(
+                "region {} map has {} redundant slabs for {} data slabs with {}",
+                m.id,
+                m.extra.len(),
+                n,
+                m.redundancy
+            ),
+        });
+    }
     if m.slab_size == 0 || m.slabs.len() as u64 != m.size.div_ceil(m.slab_size) {
         return Err(ClientError::Protocol {
             addr: inner.controller.clone(),
@@ -794,6 +954,9 @@ impl Batch<'_> {
 
     /// Sends the batch and returns one result per operation, in order.
     pub fn execute(&self) -> Result<Vec<BatchResult>> {
+        if self.region.redundancy != Redundancy::None {
+            return Err(self.region.unsupported("a batch"));
+        }
         let idempotent = self
             .ops
             .iter()
@@ -836,7 +999,7 @@ impl Batch<'_> {
                 BatchOp::Read { off, len } => {
                     results.push(BatchResult::Data(vec![0; *len]));
                     r.pieces(map, *off, *len as u64, |slab, so, n, buf_off| {
-                        let (at, addr) = Region::target(map, slab, so);
+                        let (at, addr) = r.target(map, slab, so)?;
                         push(
                             addr,
                             SubOp::Read { at, len: n as u32 },
@@ -849,7 +1012,7 @@ impl Batch<'_> {
                 BatchOp::Write { off, data } => {
                     results.push(BatchResult::Done);
                     r.pieces(map, *off, data.len() as u64, |slab, so, n, buf_off| {
-                        let (at, addr) = Region::target(map, slab, so);
+                        let (at, addr) = r.target(map, slab, so)?;
                         push(
                             addr,
                             SubOp::Write {
@@ -872,7 +1035,7 @@ impl Batch<'_> {
                         }));
                     }
                     let slab = (*off / map.slab_size) as usize;
-                    let (at, addr) = Region::target(map, slab, off % map.slab_size);
+                    let (at, addr) = r.target(map, slab, off % map.slab_size)?;
                     let sub = match op {
                         BatchOp::Cas { expected, new, .. } => SubOp::Cas {
                             at,

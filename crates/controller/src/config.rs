@@ -8,6 +8,7 @@
 //! heartbeat_interval = "200ms"
 //! dead_after = "2s"
 //! reconcile_interval = "30s"     # how often orphan slabs are reclaimed
+//! rebuild_rate = "256MiB"        # per second, for rebuilding a dead server's slabs
 //! cluster_secret = "..."         # servers must present it to register
 //!
 //! [[tenants]]
@@ -29,6 +30,9 @@ use crate::store::StoredTenant;
 /// Default slab size: 1 MiB. See ARCHITECTURE.md, "Slab size", for the measurement.
 pub const DEFAULT_SLAB_SIZE: u64 = 1 << 20;
 
+/// Default rebuild rate: 256 MiB/s.
+pub const DEFAULT_REBUILD_RATE: u64 = 256 << 20;
+
 /// Controller configuration.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
@@ -46,6 +50,9 @@ pub struct ControllerConfig {
     pub dead_after: Duration,
     /// How often live servers are checked for orphan slabs.
     pub reconcile_interval: Duration,
+    /// Bytes per second the rebuild of lost slabs may read and write, so
+    /// that it leaves the servers' bandwidth to the clients.
+    pub rebuild_rate: u64,
     /// Tenants to create or update at start.
     pub tenants: Vec<StoredTenant>,
     /// Secret memory servers must present to register (`None`: any server
@@ -63,6 +70,7 @@ impl Default for ControllerConfig {
             heartbeat_interval: Duration::from_millis(200),
             dead_after: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(30),
+            rebuild_rate: DEFAULT_REBUILD_RATE,
             tenants: Vec::new(),
             cluster_secret: None,
         }
@@ -79,6 +87,7 @@ struct File {
     heartbeat_interval: Option<String>,
     dead_after: Option<String>,
     reconcile_interval: Option<String>,
+    rebuild_rate: Option<String>,
     cluster_secret: Option<String>,
     #[serde(default)]
     tenants: Vec<FileTenant>,
@@ -129,6 +138,9 @@ impl ControllerConfig {
         if let Some(v) = f.dead_after {
             self.dead_after = remora_net::parse_duration(&v).map_err(e)?;
         }
+        if let Some(v) = f.rebuild_rate {
+            self.rebuild_rate = parse_size(&v).map_err(|x| e(x.to_string()))?;
+        }
         if let Some(v) = f.reconcile_interval {
             self.reconcile_interval = remora_net::parse_duration(&v).map_err(e)?;
         }
@@ -151,6 +163,13 @@ impl ControllerConfig {
         Ok(self)
     }
 
+    /// How long a server may serve after a heartbeat the controller
+    /// answered: half of `dead_after`, so it stops before it can be declared
+    /// dead and its data rebuilt elsewhere.
+    pub fn lease(&self) -> Duration {
+        self.dead_after / 2
+    }
+
     /// Checks the settings make sense together.
     pub fn validate(&self) -> Result<(), String> {
         if self.slab_size < 4096 || !self.slab_size.is_power_of_two() {
@@ -165,8 +184,13 @@ impl ControllerConfig {
         if self.reconcile_interval < Duration::from_millis(100) {
             return Err("reconcile_interval must be at least 100ms".into());
         }
-        if self.dead_after <= self.heartbeat_interval {
-            return Err("dead_after must be longer than heartbeat_interval".into());
+        if self.dead_after < self.heartbeat_interval * 3 {
+            return Err(
+                "dead_after must be at least three heartbeat intervals (servers serve for dead_after/2 after each answered heartbeat)".into(),
+            );
+        }
+        if self.rebuild_rate < 1 << 20 {
+            return Err("rebuild_rate must be at least 1MiB (per second)".into());
         }
         let mut names = std::collections::HashSet::new();
         let mut tokens = std::collections::HashSet::new();

@@ -17,20 +17,21 @@
 
 pub mod config;
 pub mod placement;
+mod repair;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rand::Rng;
 use remora_net::{FramedReader, LatencyInjector, NetError, RpcConn, Stream, TcpTransport};
 use remora_proto::ctl::{
-    self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap, ServerInfo, SlabLoc,
-    TenantInfo,
+    self, ClusterStatus, CtlReply, CtlRequest, Redundancy, RegionInfo, RegionMap, ServerInfo,
+    SlabLoc, TenantInfo,
 };
 use remora_proto::data::{self, Reply, Request};
 use remora_proto::frame::DEFAULT_MAX_FRAME;
@@ -80,6 +81,9 @@ struct ServerState {
     /// Slabs of known regions placed on this server (plus reservations).
     assigned: u64,
     last_seen: Instant,
+    /// False once declared dead: its slabs are marked lost (and rebuilt
+    /// where the region has redundancy); if it comes back it must drop
+    /// everything and register again.
     alive: bool,
     /// Set by the first heartbeat: the server has carved its slabs and can
     /// take control operations. Placement uses only ready servers.
@@ -131,6 +135,9 @@ struct Inner {
     store: Box<dyn MetaStore>,
     state: Mutex<State>,
     admin_conns: Mutex<HashMap<u64, Arc<Mutex<Option<RpcConn>>>>>,
+    /// Lost slabs to rebuild: (region, piece index).
+    rebuild_queue: Mutex<VecDeque<(u64, usize)>>,
+    rebuild_cv: Condvar,
 }
 
 /// A running controller.
@@ -186,7 +193,7 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
     }
     for (id, r) in snap.regions {
         if let Some(t) = st.tenants.get_mut(&r.tenant) {
-            t.used += r.map.slabs.len() as u64 * r.map.slab_size;
+            t.used += r.map.pieces().count() as u64 * r.map.slab_size;
             t.regions += 1;
         }
         if let Some(n) = &r.map.name {
@@ -212,11 +219,24 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         cfg.slab_size,
         cfg.placement.name()
     );
+    // Slabs lost before a restart are rebuilt once servers are back.
+    let mut lost = VecDeque::new();
+    for r in st.regions.values() {
+        if r.map.redundancy != Redundancy::None {
+            for (i, l) in r.map.pieces().enumerate() {
+                if l.lost {
+                    lost.push_back((r.map.id, i));
+                }
+            }
+        }
+    }
     let inner = Arc::new(Inner {
         cfg,
         store,
         state: Mutex::new(st),
         admin_conns: Mutex::new(HashMap::new()),
+        rebuild_queue: Mutex::new(lost),
+        rebuild_cv: Condvar::new(),
     });
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -235,6 +255,11 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
     )?;
     let i = inner.clone();
     spawn("remora-ctl-detector", Box::new(move || detector_loop(i)))?;
+    let i = inner.clone();
+    spawn(
+        "remora-ctl-rebuild",
+        Box::new(move || repair::rebuild_loop(i)),
+    )?;
     spawn(
         "remora-ctl-reconcile",
         Box::new(move || reconcile_loop(inner)),
@@ -275,15 +300,27 @@ fn detector_loop(inner: Arc<Inner>) {
     let tick = (inner.cfg.heartbeat_interval / 2).max(Duration::from_millis(10));
     loop {
         std::thread::sleep(tick);
-        let mut st = inner.state.lock();
-        for (id, s) in st.servers.iter_mut() {
-            if s.alive && s.last_seen.elapsed() > inner.cfg.dead_after {
-                s.alive = false;
-                warn!(
-                    "server {id:016x} at {} missed heartbeats for {:?}: declared dead",
-                    s.addr, inner.cfg.dead_after
-                );
+        let mut dead = Vec::new();
+        {
+            let mut st = inner.state.lock();
+            for (id, s) in st.servers.iter_mut() {
+                if s.alive && s.last_seen.elapsed() > inner.cfg.dead_after {
+                    s.alive = false;
+                    warn!(
+                        "server {id:016x} at {} missed heartbeats for {:?}: declared dead",
+                        s.addr, inner.cfg.dead_after
+                    );
+                    dead.push(*id);
+                }
             }
+            // Under the same lock, so that the server cannot rejoin and be
+            // told to keep slabs that are about to be marked lost.
+            for id in &dead {
+                inner.mark_lost(&mut st, *id);
+            }
+        }
+        if !dead.is_empty() {
+            inner.rebuild_cv.notify_all();
         }
     }
 }
@@ -402,13 +439,16 @@ impl Inner {
                         );
                     }
                 }
-                if let Err(msg) = self.register(server_id, addr, admin_key, capacity, slabs_used) {
-                    return fail(ErrorCode::InvalidArgument, msg);
-                }
+                let keep = match self.register(server_id, addr, admin_key, capacity, slabs_used) {
+                    Ok(k) => k,
+                    Err(msg) => return fail(ErrorCode::InvalidArgument, msg),
+                };
                 *role = Role::Server(server_id);
                 CtlReply::Registered {
                     slab_size: self.cfg.slab_size,
                     heartbeat_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+                    lease_ms: self.cfg.lease().as_millis() as u64,
+                    keep,
                 }
             }
             (
@@ -423,13 +463,22 @@ impl Inner {
                     return fail(ErrorCode::InvalidArgument, "heartbeat for another server");
                 }
                 let mut st = self.state.lock();
+                if st.servers.get(&server_id).is_some_and(|s| !s.alive) {
+                    // Back after being declared dead: its slabs were marked
+                    // lost or rebuilt elsewhere. It must wipe and rejoin.
+                    if let Some(s) = st.servers.remove(&server_id) {
+                        info!("server {server_id:016x} at {} is back after being declared dead: it drops its slabs and registers again", s.addr);
+                    }
+                    drop(st);
+                    self.admin_conns.lock().remove(&server_id);
+                    return fail(
+                        ErrorCode::Fenced,
+                        "declared dead: drop every slab and register again",
+                    );
+                }
                 match st.servers.get_mut(&server_id) {
                     Some(s) => {
-                        if !s.alive {
-                            info!("server {server_id:016x} at {} is alive again", s.addr);
-                        }
                         s.last_seen = Instant::now();
-                        s.alive = true;
                         if !s.ready {
                             s.ready = true;
                             if let Some(slabs) = s.join_work.take() {
@@ -463,6 +512,8 @@ impl Inner {
         }
     }
 
+    /// Registers a server; returns the slabs it may keep when it must drop
+    /// the others (it is new to this controller, or was declared dead).
     fn register(
         self: &Arc<Self>,
         id: u64,
@@ -470,9 +521,14 @@ impl Inner {
         admin_key: u64,
         capacity: u64,
         used: u64,
-    ) -> Result<(), String> {
+    ) -> Result<Option<Vec<u64>>, String> {
         let mut st = self.state.lock();
         let slabs_total = capacity / self.cfg.slab_size;
+        if st.servers.get(&id).is_some_and(|s| !s.alive) {
+            // Declared dead meanwhile: a new member as far as slabs go.
+            st.servers.remove(&id);
+            self.admin_conns.lock().remove(&id);
+        }
         if let Some(s) = st.servers.get_mut(&id) {
             // The same server again (its controller connection dropped):
             // keep its accounting, including reservations in flight.
@@ -488,7 +544,7 @@ impl Inner {
             s.alive = true;
             drop(st);
             self.admin_conns.lock().remove(&id);
-            return Ok(());
+            return Ok(None);
         }
         // A new process at the address of a known server replaces it: the
         // old one's slabs are gone with it.
@@ -498,18 +554,28 @@ impl Inner {
             .filter(|(_, s)| s.addr == addr)
             .map(|(sid, _)| *sid)
             .collect();
+        let mut replaced = Vec::new();
         for s in stale {
             warn!("server at {addr} restarted (was {s:016x}, now {id:016x})");
-            st.servers.remove(&s);
+            if st.servers.remove(&s).is_some_and(|old| old.alive) {
+                replaced.push(s);
+            }
             self.admin_conns.lock().remove(&s);
+        }
+        for s in &replaced {
+            // The old process's slabs died with it.
+            self.mark_lost(&mut st, *s);
+        }
+        if !replaced.is_empty() {
+            self.rebuild_cv.notify_all();
         }
         // First registration with this controller: its slabs are those of
         // the committed region maps.
         let slabs: Vec<u64> = st
             .regions
             .values()
-            .flat_map(|r| r.map.slabs.iter())
-            .filter(|s| s.server_id == id)
+            .flat_map(|r| r.map.pieces())
+            .filter(|s| s.server_id == id && !s.lost)
             .map(|s| s.slab)
             .collect();
         let assigned = slabs.len() as u64;
@@ -532,10 +598,11 @@ impl Inner {
         for s in &slabs {
             st.moving.insert(*s);
         }
+        let keep = slabs.clone();
         if let Some(s) = st.servers.get_mut(&id) {
             s.join_work = Some(slabs);
         }
-        Ok(())
+        Ok(Some(keep))
     }
 
     /// First heartbeat of a server new to this controller: a previous
@@ -547,7 +614,7 @@ impl Inner {
     fn finish_join(self: &Arc<Self>, id: u64, slabs: Vec<u64>) {
         let reqs: Vec<Request<'_>> = slabs
             .iter()
-            .map(|&slab| Request::ThawSlab { slab })
+            .map(|&slab| Request::ThawSlab { slab, new_key: 0 })
             .collect();
         for r in self.admin_calls(id, &reqs) {
             if let Err((code, msg)) = r {
@@ -568,9 +635,13 @@ impl Inner {
 
     fn client_request(&self, tenant: &str, req: CtlRequest) -> Result<CtlReply, Failure> {
         match req {
-            CtlRequest::Alloc { size, name } => {
-                self.alloc(tenant, size, name).map(CtlReply::Region)
-            }
+            CtlRequest::Alloc {
+                size,
+                name,
+                redundancy,
+            } => self
+                .alloc(tenant, size, name, redundancy)
+                .map(CtlReply::Region),
             CtlRequest::Free { region } => self.free(tenant, region).map(|_| CtlReply::Ack),
             CtlRequest::Open { name } => {
                 let st = self.state.lock();
@@ -649,7 +720,13 @@ impl Inner {
         }
     }
 
-    fn alloc(&self, tenant: &str, size: u64, name: Option<String>) -> Result<RegionMap, Failure> {
+    fn alloc(
+        &self,
+        tenant: &str,
+        size: u64,
+        name: Option<String>,
+        redundancy: Redundancy,
+    ) -> Result<RegionMap, Failure> {
         let ss = self.cfg.slab_size;
         if size == 0 {
             return Err((
@@ -657,6 +734,9 @@ impl Inner {
                 "region size must be positive".into(),
             ));
         }
+        redundancy
+            .validate()
+            .map_err(|m| (ErrorCode::InvalidArgument, m))?;
         let n = size.div_ceil(ss);
         if n > MAX_REGION_SLABS {
             return Err((
@@ -675,15 +755,17 @@ impl Inner {
                 ));
             }
         }
+        let extra = redundancy.extra_slabs(n);
+        let total = n + extra;
         // Reserve under the lock.
-        let (region_id, plan) = {
+        let (region_id, slabs, extra_locs) = {
             let mut guard = self.state.lock();
             let st = &mut *guard;
             let t = st
                 .tenants
                 .get(tenant)
                 .ok_or((ErrorCode::Unauthenticated, "tenant vanished".to_string()))?;
-            let bytes = n * ss;
+            let bytes = total * ss;
             if let Some(q) = t.t.quota {
                 if t.used + bytes > q {
                     return Err((
@@ -713,37 +795,67 @@ impl Inner {
                     free: s.free(),
                 })
                 .collect();
-            let picks = placement::place(&cands, n, self.cfg.placement, &mut st.rng).ok_or_else(|| {
+            let (groups, width) = match redundancy {
+                Redundancy::None => (n, 1),
+                Redundancy::Replicate(c) => (n, c as usize),
+                Redundancy::Erasure { data, .. } => (n.div_ceil(data as u64), redundancy.width()),
+            };
+            let picks = placement::place_groups(
+                &cands,
+                groups,
+                width,
+                &[],
+                self.cfg.placement,
+                &mut st.rng,
+            )
+            .ok_or_else(|| {
                 let free: u64 = cands.iter().map(|c| c.free).sum();
                 (
                     ErrorCode::InsufficientCapacity,
                     format!(
-                        "need {n} slabs of {ss} bytes, live servers have {free} free ({} live servers)",
+                        "need {total} slabs of {ss} bytes ({redundancy}: groups of {width} on distinct servers), {} live servers have {free} free",
                         cands.len()
                     ),
                 )
             })?;
+            // Server of each piece, in map order (data slabs, then extra).
+            let mut data_srv = Vec::with_capacity(n as usize);
+            let mut extra_srv = Vec::with_capacity(extra as usize);
+            match redundancy {
+                Redundancy::None | Redundancy::Replicate(_) => {
+                    for g in &picks {
+                        data_srv.push(g[0]);
+                        extra_srv.extend_from_slice(&g[1..]);
+                    }
+                }
+                Redundancy::Erasure { data, .. } => {
+                    let k = data as usize;
+                    for (si, g) in picks.iter().enumerate() {
+                        let in_stripe = (n as usize - si * k).min(k);
+                        data_srv.extend_from_slice(&g[..in_stripe]);
+                        extra_srv.extend_from_slice(&g[k..]);
+                    }
+                }
+            }
             let region_id = st.next_region;
             st.next_region += 1;
             let first_slab = st.next_slab;
-            st.next_slab += n;
-            st.pending.push((first_slab, first_slab + n));
-            let mut plan = Vec::with_capacity(n as usize);
-            for (i, sid) in picks.into_iter().enumerate() {
+            st.next_slab += total;
+            st.pending.push((first_slab, first_slab + total));
+            let mut locs = Vec::with_capacity(total as usize);
+            for (i, sid) in data_srv.into_iter().chain(extra_srv).enumerate() {
+                let key = new_key(&mut st.rng);
                 let s = st
                     .servers
                     .get_mut(&sid)
                     .ok_or((ErrorCode::Internal, "server vanished".to_string()))?;
                 s.assigned += 1;
-                let mut key: u64 = st.rng.gen();
-                if key == 0 {
-                    key = 1;
-                }
-                plan.push(SlabLoc {
+                locs.push(SlabLoc {
                     server_id: sid,
                     addr: s.addr.clone(),
                     slab: first_slab + i as u64,
                     key,
+                    lost: false,
                 });
             }
             if let Some(t) = st.tenants.get_mut(tenant) {
@@ -753,7 +865,8 @@ impl Inner {
             if let Some(nm) = &name {
                 st.names.insert((tenant.to_string(), nm.clone()), 0);
             }
-            (region_id, plan)
+            let extra_locs = locs.split_off(n as usize);
+            (region_id, locs, extra_locs)
         };
         let map = RegionMap {
             id: region_id,
@@ -761,11 +874,13 @@ impl Inner {
             size,
             slab_size: ss,
             version: 1,
-            slabs: plan,
+            redundancy,
+            slabs,
+            extra: extra_locs,
         };
         // Create the slabs outside the lock, one pipelined burst per server.
         let mut by_server: BTreeMap<u64, Vec<&SlabLoc>> = BTreeMap::new();
-        for loc in &map.slabs {
+        for loc in map.pieces() {
             by_server.entry(loc.server_id).or_default().push(loc);
         }
         let mut created: Vec<SlabLoc> = Vec::new();
@@ -821,15 +936,15 @@ impl Inner {
         st.regions.insert(region_id, stored);
         unpend(&mut st, first_slab);
         info!(
-            "tenant {tenant:?} allocated region {region_id} ({size} bytes, {} slabs)",
-            map.slabs.len()
+            "tenant {tenant:?} allocated region {region_id} ({size} bytes, {} slabs, {redundancy})",
+            map.slabs.len() + map.extra.len()
         );
         Ok(map)
     }
 
     /// Undoes the accounting of a region (which is not, or no longer, in `regions`).
     fn release(&self, st: &mut State, r: &StoredRegion) {
-        for loc in &r.map.slabs {
+        for loc in r.map.pieces() {
             if let Some(s) = st.servers.get_mut(&loc.server_id) {
                 s.assigned = s.assigned.saturating_sub(1);
             }
@@ -837,7 +952,7 @@ impl Inner {
         if let Some(t) = st.tenants.get_mut(&r.tenant) {
             t.used = t
                 .used
-                .saturating_sub(r.map.slabs.len() as u64 * r.map.slab_size);
+                .saturating_sub(r.map.pieces().count() as u64 * r.map.slab_size);
             t.regions = t.regions.saturating_sub(1);
         }
         if let Some(nm) = &r.map.name {
@@ -861,7 +976,8 @@ impl Inner {
             self.release(&mut st, &r);
             r
         };
-        self.drop_slabs(&r.map.slabs);
+        let live: Vec<SlabLoc> = r.map.pieces().filter(|l| !l.lost).cloned().collect();
+        self.drop_slabs(&live);
         info!("tenant {tenant:?} freed region {region}");
         Ok(())
     }
@@ -885,15 +1001,34 @@ impl Inner {
                 Some(r) if r.tenant == tenant || admin => r,
                 _ => return Err((ErrorCode::RegionNotFound, format!("no region {region}"))),
             };
-            let Some(src) = r.map.slabs.get(index as usize).cloned() else {
+            let Some(src) = r.map.pieces().nth(index as usize).cloned() else {
                 return Err((
                     ErrorCode::InvalidArgument,
                     format!(
                         "region {region} has {} slabs, no slab {index}",
-                        r.map.slabs.len()
+                        r.map.pieces().count()
                     ),
                 ));
             };
+            if matches!(r.map.redundancy, Redundancy::Erasure { .. }) {
+                return Err((
+                    ErrorCode::Unsupported,
+                    "slabs of erasure-coded regions are not moved (parity updates in flight would miss the copy); they are rebuilt when lost".into(),
+                ));
+            }
+            if src.lost {
+                return Err((
+                    ErrorCode::DataLost,
+                    format!("slab {index} of region {region} is lost (its server died)"),
+                ));
+            }
+            // The other pieces of its group stay on other servers.
+            let group: Vec<u64> = r
+                .map
+                .group_of(index as usize)
+                .into_iter()
+                .filter_map(|i| r.map.pieces().nth(i).map(|l| l.server_id))
+                .collect();
             if !st.moving.insert(src.slab) {
                 return Err((
                     ErrorCode::InvalidArgument,
@@ -906,13 +1041,13 @@ impl Inner {
                     .iter()
                     .find(|(_, s)| &s.addr == addr && s.usable())
                     .map(|(id, s)| (*id, s.free()))
-                    .filter(|(id, free)| *id != src.server_id && *free > 0)
+                    .filter(|(id, free)| !group.contains(id) && *free > 0)
                     .map(|(id, _)| id),
                 None => {
                     let cands: Vec<Candidate> = st
                         .servers
                         .iter()
-                        .filter(|(id, s)| s.usable() && **id != src.server_id)
+                        .filter(|(id, s)| s.usable() && !group.contains(id))
                         .map(|(id, s)| Candidate {
                             id: *id,
                             free: s.free(),
@@ -928,19 +1063,18 @@ impl Inner {
                     ErrorCode::InsufficientCapacity,
                     match &to {
                         Some(a) => format!(
-                            "{a} is not a live server other than the slab's, with a free slab"
+                            "{a} is not a live server with a free slab outside the slab's group"
                         ),
-                        None => "no other live server has a free slab".to_string(),
+                        None => {
+                            "no live server outside the slab's group has a free slab".to_string()
+                        }
                     },
                 ));
             };
             let slab = st.next_slab;
             st.next_slab += 1;
             st.pending.push((slab, slab + 1));
-            let mut key: u64 = st.rng.gen();
-            if key == 0 {
-                key = 1;
-            }
+            let key = new_key(&mut st.rng);
             let Some(s) = st.servers.get_mut(&dest_server) else {
                 st.moving.remove(&src.slab);
                 unpend(st, slab);
@@ -952,12 +1086,19 @@ impl Inner {
                 addr: s.addr.clone(),
                 slab,
                 key,
+                lost: false,
             };
             (src, dest, dest_server)
         };
         let undo = |thaw: bool, drop_dest: bool| {
             if thaw {
-                let _ = self.admin_call(src.server_id, &Request::ThawSlab { slab: src.slab });
+                let _ = self.admin_call(
+                    src.server_id,
+                    &Request::ThawSlab {
+                        slab: src.slab,
+                        new_key: 0,
+                    },
+                );
             }
             if drop_dest {
                 let _ = self.admin_call(dest_server, &Request::DropSlab { slab: dest.slab });
@@ -1002,9 +1143,24 @@ impl Inner {
                 )),
                 Some(r) => {
                     let mut next = r.clone();
-                    next.map.slabs[index as usize] = dest.clone();
+                    let same = match next.map.piece_mut(index as usize) {
+                        Some(p) if p.slab == src.slab && !p.lost => {
+                            *p = dest.clone();
+                            true
+                        }
+                        _ => false,
+                    };
                     next.map.version += 1;
-                    match self.store.put_region(&next, nr, ns) {
+                    let stored = if same {
+                        self.store
+                            .put_region(&next, nr, ns)
+                            .map_err(|e| e.to_string())
+                    } else {
+                        Err(format!(
+                            "slab {index} of region {region} was lost during the move"
+                        ))
+                    };
+                    match stored {
                         Ok(()) => {
                             *r = next;
                             if let Some(s) = st.servers.get_mut(&src.server_id) {
@@ -1015,7 +1171,7 @@ impl Inner {
                             unpend(st, dest.slab);
                             Ok(map)
                         }
-                        Err(e) => Err((ErrorCode::Internal, e.to_string())),
+                        Err(e) => Err((ErrorCode::Internal, e)),
                     }
                 }
             }
@@ -1100,7 +1256,7 @@ impl Inner {
             .map_err(unavailable)?;
             c.set_timeout(ADMIN_TIMEOUT);
             let f = c
-                .call(|b, id| data::hello(b, id, key))
+                .call(|b, id| data::hello(b, id, key, 0))
                 .map_err(unavailable)?;
             match data::decode_reply(f.kind, &f.payload) {
                 Ok(Reply::HelloOk { .. }) => *conn = Some(c),
@@ -1211,8 +1367,8 @@ impl Inner {
                 let known: std::collections::HashSet<u64> = st
                     .regions
                     .values()
-                    .flat_map(|r| r.map.slabs.iter())
-                    .filter(|l| l.server_id == sid)
+                    .flat_map(|r| r.map.pieces())
+                    .filter(|l| l.server_id == sid && !l.lost)
                     .map(|l| l.slab)
                     .collect();
                 listed
@@ -1253,5 +1409,18 @@ fn region_info(r: &StoredRegion) -> RegionInfo {
         size: r.map.size,
         slabs: r.map.slabs.len() as u64,
         version: r.map.version,
+        redundancy: r.map.redundancy,
+        lost: r.map.lost() as u64,
+        pieces: r.map.pieces().count() as u64,
+    }
+}
+
+/// A random non-zero capability key.
+fn new_key(rng: &mut impl Rng) -> u64 {
+    loop {
+        let k: u64 = rng.gen();
+        if k != 0 {
+            return k;
+        }
     }
 }

@@ -59,41 +59,68 @@ pub fn place(
     policy: Policy,
     rng: &mut impl Rng,
 ) -> Option<Vec<u64>> {
+    place_groups(candidates, n, 1, &[], policy, rng).map(|g| g.into_iter().flatten().collect())
+}
+
+/// Picks servers for `groups` groups of `width` slabs each, the slabs of a
+/// group on distinct servers (the copies of a slab, or one erasure-coded
+/// stripe), none of them in `exclude`. `None` if the candidates lack room
+/// or there are fewer than `width` servers with room.
+pub fn place_groups(
+    candidates: &[Candidate],
+    groups: u64,
+    width: usize,
+    exclude: &[u64],
+    policy: Policy,
+    rng: &mut impl Rng,
+) -> Option<Vec<Vec<u64>>> {
     let total = candidates
         .iter()
         .fold(0u64, |a, c| a.saturating_add(c.free));
-    if total < n {
+    if total < groups.saturating_mul(width as u64) {
         return None;
     }
-    let mut free: Vec<Candidate> = candidates.iter().copied().filter(|c| c.free > 0).collect();
-    let mut out = Vec::with_capacity(n as usize);
-    for _ in 0..n {
-        let i = match policy {
-            Policy::LeastLoaded => {
-                (0..free.len()).max_by_key(|&i| (free[i].free, std::cmp::Reverse(free[i].id)))?
-            }
-            Policy::PowerOfTwo => {
-                if free.len() == 1 {
-                    0
-                } else {
-                    let a = rng.gen_range(0..free.len());
-                    let mut b = rng.gen_range(0..free.len() - 1);
-                    if b >= a {
-                        b += 1;
+    let mut free: Vec<Candidate> = candidates
+        .iter()
+        .copied()
+        .filter(|c| c.free > 0 && !exclude.contains(&c.id))
+        .collect();
+    let mut out = Vec::with_capacity(groups as usize);
+    let mut eligible: Vec<usize> = Vec::with_capacity(free.len());
+    for _ in 0..groups {
+        let mut group: Vec<u64> = Vec::with_capacity(width);
+        for _ in 0..width {
+            eligible.clear();
+            eligible.extend((0..free.len()).filter(|&i| !group.contains(&free[i].id)));
+            let i = match policy {
+                Policy::LeastLoaded => *eligible
+                    .iter()
+                    .max_by_key(|&&i| (free[i].free, std::cmp::Reverse(free[i].id)))?,
+                Policy::PowerOfTwo => match eligible.len() {
+                    0 => return None,
+                    1 => eligible[0],
+                    n => {
+                        let a = rng.gen_range(0..n);
+                        let mut b = rng.gen_range(0..n - 1);
+                        if b >= a {
+                            b += 1;
+                        }
+                        let (a, b) = (eligible[a], eligible[b]);
+                        if free[a].free >= free[b].free {
+                            a
+                        } else {
+                            b
+                        }
                     }
-                    if free[a].free >= free[b].free {
-                        a
-                    } else {
-                        b
-                    }
-                }
+                },
+            };
+            group.push(free[i].id);
+            free[i].free -= 1;
+            if free[i].free == 0 {
+                free.swap_remove(i);
             }
-        };
-        out.push(free[i].id);
-        free[i].free -= 1;
-        if free[i].free == 0 {
-            free.swap_remove(i);
         }
+        out.push(group);
     }
     Some(out)
 }
@@ -139,6 +166,24 @@ mod tests {
             place(&c, 110, Policy::LeastLoaded, &mut rng).unwrap().len(),
             110
         );
+    }
+
+    #[test]
+    fn groups_use_distinct_servers() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let c: Vec<_> = (0..6).map(|id| Candidate { id, free: 100 }).collect();
+        for policy in [Policy::PowerOfTwo, Policy::LeastLoaded] {
+            let g = place_groups(&c, 50, 6, &[], policy, &mut rng).unwrap();
+            for grp in &g {
+                let mut s = grp.clone();
+                s.sort_unstable();
+                s.dedup();
+                assert_eq!(s.len(), 6, "{policy:?}: {grp:?}");
+            }
+            assert!(place_groups(&c, 1, 7, &[], policy, &mut rng).is_none());
+            let g = place_groups(&c, 3, 2, &[0, 1, 2, 3], policy, &mut rng).unwrap();
+            assert!(g.iter().flatten().all(|&id| id >= 4));
+        }
     }
 
     proptest! {

@@ -58,7 +58,7 @@ impl Snapshot {
     pub fn fix_counters(&mut self) {
         for (id, r) in &self.regions {
             self.next_region = self.next_region.max(id + 1);
-            for l in &r.map.slabs {
+            for l in r.map.pieces() {
                 self.next_slab = self.next_slab.max(l.slab + 1);
             }
         }
@@ -239,7 +239,9 @@ mod tests {
                 size: 10,
                 slab_size: 4096,
                 version: 1,
+                redundancy: remora_proto::ctl::Redundancy::Replicate(2),
                 slabs: vec![],
+                extra: vec![],
             },
         }
     }
@@ -274,14 +276,17 @@ mod tests {
     fn counters_exceed_every_stored_id() {
         let s = MemStore::default();
         let mut r = region(40);
-        r.map.slabs.push(remora_proto::ctl::SlabLoc {
+        let loc = |slab| remora_proto::ctl::SlabLoc {
             server_id: 1,
             addr: "a".into(),
-            slab: 99,
+            slab,
             key: 1,
-        });
+            lost: false,
+        };
+        r.map.slabs.push(loc(99));
+        r.map.extra.push(loc(120));
         s.put_region(&r, 2, 3).unwrap();
         let snap = s.load().unwrap();
-        assert_eq!((snap.next_region, snap.next_slab), (41, 100));
+        assert_eq!((snap.next_region, snap.next_slab), (41, 121));
     }
 }

@@ -60,6 +60,8 @@ pub enum CtlRequest {
         size: u64,
         /// Name, unique within the tenant.
         name: Option<String>,
+        /// How the region survives the loss of servers.
+        redundancy: Redundancy,
     },
     /// Free a region and its slabs.
     Free {
@@ -106,6 +108,16 @@ pub enum CtlReply {
         slab_size: u64,
         /// How often to heartbeat, in milliseconds.
         heartbeat_ms: u64,
+        /// How long after sending a heartbeat that the controller answered
+        /// the server may keep serving data (its lease), in milliseconds.
+        /// Shorter than the controller's `dead_after`, so a server cut off
+        /// from the controller stops serving before it is declared dead and
+        /// its data rebuilt elsewhere.
+        lease_ms: u64,
+        /// When set, the server must drop every slab not listed before it
+        /// serves: it is new to this controller, or was declared dead and
+        /// its slabs were replaced.
+        keep: Option<Vec<u64>>,
     },
     /// Request done.
     Ack,
@@ -135,6 +147,115 @@ pub struct SlabLoc {
     pub slab: u64,
     /// Capability key.
     pub key: u64,
+    /// The server died and the slab's bytes are gone (until rebuilt from
+    /// redundancy, which replaces this entry).
+    pub lost: bool,
+}
+
+/// How a region survives the loss of memory servers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Redundancy {
+    /// One copy: a dead server's slabs are lost ([`crate::ErrorCode::DataLost`]).
+    #[default]
+    None,
+    /// `n` copies of every slab on `n` distinct servers.
+    Replicate(u8),
+    /// Reed–Solomon: every `data` slabs get `parity` parity slabs, the
+    /// `data + parity` on distinct servers; any `parity` of them may be lost.
+    Erasure {
+        /// Data slabs per stripe.
+        data: u8,
+        /// Parity slabs per stripe.
+        parity: u8,
+    },
+}
+
+/// Most copies or pieces a region's slab group may have.
+pub const MAX_GROUP: usize = 32;
+
+impl Redundancy {
+    /// Checks the parameters: at least 2 copies, at least 1 data and 1
+    /// parity piece, at most [`MAX_GROUP`] servers per group.
+    pub fn validate(self) -> Result<(), String> {
+        match self {
+            Redundancy::None => Ok(()),
+            Redundancy::Replicate(n) if n >= 2 && n as usize <= MAX_GROUP => Ok(()),
+            Redundancy::Replicate(n) => Err(format!(
+                "replicate:{n}: copies must be between 2 and {MAX_GROUP}"
+            )),
+            Redundancy::Erasure { data, parity }
+                if data >= 1 && parity >= 1 && (data as usize + parity as usize) <= MAX_GROUP =>
+            {
+                Ok(())
+            }
+            Redundancy::Erasure { data, parity } => Err(format!(
+                "erasure:{data}+{parity}: need at least 1 data and 1 parity piece, at most {MAX_GROUP} in all"
+            )),
+        }
+    }
+
+    /// Servers a group of slabs spans (1, the copies, or data + parity).
+    pub fn width(self) -> usize {
+        match self {
+            Redundancy::None => 1,
+            Redundancy::Replicate(n) => n as usize,
+            Redundancy::Erasure { data, parity } => data as usize + parity as usize,
+        }
+    }
+
+    /// Servers that may be lost without losing data.
+    pub fn tolerates(self) -> usize {
+        match self {
+            Redundancy::None => 0,
+            Redundancy::Replicate(n) => n as usize - 1,
+            Redundancy::Erasure { parity, .. } => parity as usize,
+        }
+    }
+
+    /// Slabs beyond the data slabs for a region of `data_slabs` slabs.
+    pub fn extra_slabs(self, data_slabs: u64) -> u64 {
+        match self {
+            Redundancy::None => 0,
+            Redundancy::Replicate(n) => data_slabs * (n as u64 - 1),
+            Redundancy::Erasure { data, parity } => {
+                data_slabs.div_ceil(data.max(1) as u64) * parity as u64
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Redundancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Redundancy::None => f.write_str("none"),
+            Redundancy::Replicate(n) => write!(f, "replicate:{n}"),
+            Redundancy::Erasure { data, parity } => write!(f, "erasure:{data}+{parity}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Redundancy {
+    type Err = String;
+
+    /// Parses `none`, `replicate:N` or `erasure:K+M`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid redundancy {s:?}: use none, replicate:N or erasure:K+M");
+        let r = if s == "none" {
+            Redundancy::None
+        } else if let Some(n) = s.strip_prefix("replicate:") {
+            Redundancy::Replicate(n.parse().map_err(|_| bad())?)
+        } else if let Some(km) = s.strip_prefix("erasure:") {
+            let (k, m) = km.split_once('+').ok_or_else(bad)?;
+            Redundancy::Erasure {
+                data: k.parse().map_err(|_| bad())?,
+                parity: m.parse().map_err(|_| bad())?,
+            }
+        } else {
+            return Err(bad());
+        };
+        r.validate()?;
+        Ok(r)
+    }
 }
 
 /// The region→slab map: slab `i` holds region bytes `[i*slab_size, (i+1)*slab_size)`.
@@ -148,10 +269,72 @@ pub struct RegionMap {
     pub size: u64,
     /// Bytes per slab.
     pub slab_size: u64,
-    /// Bumped whenever a slab moves.
+    /// Bumped whenever a slab moves, is lost or is rebuilt.
     pub version: u64,
-    /// Slabs in region order.
+    /// How the region survives the loss of servers.
+    pub redundancy: Redundancy,
+    /// Data slabs in region order (with replication: each slab's first copy).
     pub slabs: Vec<SlabLoc>,
+    /// The redundant slabs. Replicate(n): the other n−1 copies of slab `i`
+    /// at `[i*(n-1), (i+1)*(n-1))`. Erasure{data k, parity m}: the m parity
+    /// slabs of stripe `s` (data slabs `[s*k, (s+1)*k)`) at `[s*m, (s+1)*m)`.
+    pub extra: Vec<SlabLoc>,
+}
+
+impl RegionMap {
+    /// Every slab of the region, data slabs first, then the redundant ones;
+    /// a piece's position here is its index for [`CtlRequest::MoveSlab`].
+    pub fn pieces(&self) -> impl Iterator<Item = &SlabLoc> {
+        self.slabs.iter().chain(self.extra.iter())
+    }
+
+    /// The piece at `index` in [`RegionMap::pieces`] order.
+    pub fn piece_mut(&mut self, index: usize) -> Option<&mut SlabLoc> {
+        let n = self.slabs.len();
+        if index < n {
+            self.slabs.get_mut(index)
+        } else {
+            self.extra.get_mut(index - n)
+        }
+    }
+
+    /// Indexes (in [`RegionMap::pieces`] order) of the group that piece
+    /// `index` belongs to: the copies of one slab, or one stripe's data and
+    /// parity slabs; the piece itself included. A region without
+    /// redundancy has groups of one.
+    pub fn group_of(&self, index: usize) -> Vec<usize> {
+        let n = self.slabs.len();
+        match self.redundancy {
+            Redundancy::None => vec![index],
+            Redundancy::Replicate(c) => {
+                let c = c as usize - 1;
+                let slab = if index < n {
+                    index
+                } else {
+                    (index - n) / c.max(1)
+                };
+                std::iter::once(slab)
+                    .chain((0..c).map(|j| n + slab * c + j))
+                    .collect()
+            }
+            Redundancy::Erasure { data, parity } => {
+                let (k, m) = (data as usize, parity as usize);
+                let stripe = if index < n {
+                    index / k
+                } else {
+                    (index - n) / m
+                };
+                (stripe * k..((stripe + 1) * k).min(n))
+                    .chain((0..m).map(|j| n + stripe * m + j))
+                    .collect()
+            }
+        }
+    }
+
+    /// Number of pieces marked lost.
+    pub fn lost(&self) -> usize {
+        self.pieces().filter(|l| l.lost).count()
+    }
 }
 
 /// A region summary.
@@ -169,6 +352,12 @@ pub struct RegionInfo {
     pub slabs: u64,
     /// Map version.
     pub version: u64,
+    /// Redundancy scheme.
+    pub redundancy: Redundancy,
+    /// Slabs (data and redundant) lost and not yet rebuilt.
+    pub lost: u64,
+    /// Slabs in all, data and redundant.
+    pub pieces: u64,
 }
 
 /// One memory server as the controller sees it.
@@ -254,6 +443,54 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn redundancy_rejects_nonsense() {
+        for s in [
+            "",
+            "replicate:1",
+            "replicate:x",
+            "erasure:4",
+            "erasure:0+2",
+            "erasure:4+0",
+            "erasure:30+3",
+            "mirror",
+        ] {
+            assert!(s.parse::<Redundancy>().is_err(), "{s}");
+        }
+    }
+
+    fn loc(slab: u64) -> SlabLoc {
+        SlabLoc {
+            server_id: slab,
+            addr: String::new(),
+            slab,
+            key: 1,
+            lost: false,
+        }
+    }
+
+    #[test]
+    fn groups() {
+        let mut m = RegionMap {
+            id: 1,
+            name: None,
+            size: 5,
+            slab_size: 1,
+            version: 1,
+            redundancy: Redundancy::Replicate(3),
+            slabs: (0..5).map(loc).collect(),
+            extra: (5..15).map(loc).collect(),
+        };
+        assert_eq!(m.group_of(1), vec![1, 7, 8]);
+        assert_eq!(m.group_of(8), vec![1, 7, 8]);
+        m.redundancy = Redundancy::Erasure { data: 2, parity: 2 };
+        m.extra = (5..11).map(loc).collect();
+        assert_eq!(m.group_of(4), vec![4, 9, 10]);
+        assert_eq!(m.group_of(6), vec![0, 1, 5, 6]);
+        assert_eq!(m.pieces().count(), 11);
+        assert_eq!(Redundancy::Erasure { data: 2, parity: 2 }.extra_slabs(5), 6);
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..300)) {
@@ -262,10 +499,17 @@ mod tests {
         }
 
         #[test]
+        fn redundancy_parses(k in 1u8..20, m in 1u8..12, n in 2u8..32) {
+            for r in [Redundancy::None, Redundancy::Replicate(n), Redundancy::Erasure { data: k, parity: m }] {
+                prop_assert_eq!(r.to_string().parse::<Redundancy>().unwrap(), r);
+            }
+        }
+
+        #[test]
         fn roundtrip(size in any::<u64>(), name in proptest::option::of("[a-z]{0,12}"), key in any::<u64>()) {
             let reqs = vec![
                 CtlRequest::ClientHello { version: 1, token: "t".into() },
-                CtlRequest::Alloc { size, name: name.clone() },
+                CtlRequest::Alloc { size, name: name.clone(), redundancy: Redundancy::Erasure { data: 4, parity: 2 } },
                 CtlRequest::Register { version: 1, server_id: key, addr: "a:1".into(), admin_key: size, capacity: 3, secret: Some("s".into()), slabs_used: 2 },
             ];
             for r in reqs {
@@ -275,7 +519,9 @@ mod tests {
                 prop_assert_eq!(decode_request(payload).unwrap(), r);
             }
             let map = CtlReply::Region(RegionMap { id: 1, name, size, slab_size: 4096, version: 2,
-                slabs: vec![SlabLoc { server_id: 1, addr: "x".into(), slab: 9, key }] });
+                redundancy: Redundancy::Replicate(2),
+                slabs: vec![SlabLoc { server_id: 1, addr: "x".into(), slab: 9, key, lost: false }],
+                extra: vec![SlabLoc { server_id: 2, addr: "y".into(), slab: 10, key, lost: true }] });
             let mut out = Vec::new();
             encode(&mut out, 1, CTL_REPLY, &map);
             prop_assert_eq!(decode_reply(&out[crate::frame::HEADER_LEN..]).unwrap(), map);

@@ -21,6 +21,12 @@ pub mod op {
     pub const FAA: u16 = 0x05;
     /// A vector of the four data operations above in one frame.
     pub const BATCH: u16 = 0x06;
+    /// Write bytes and return the bytes they replaced (erasure-coded writes).
+    pub const SWAP: u16 = 0x07;
+    /// XOR bytes into a slab (parity updates of erasure-coded writes).
+    pub const XOR: u16 = 0x08;
+    /// End of an erasure-coded write: its parity updates are done.
+    pub const COMMIT: u16 = 0x09;
     /// Control (admin only): create a slab.
     pub const CREATE_SLAB: u16 = 0x10;
     /// Control (admin only): drop a slab.
@@ -33,6 +39,12 @@ pub mod op {
     pub const THAW_SLAB: u16 = 0x14;
     /// Control (admin only): list slab ids, in order, after a given id.
     pub const LIST_SLABS: u16 = 0x15;
+    /// Control (admin only): read a slab's bytes whatever its key or
+    /// freeze (for rebuilding lost slabs).
+    pub const READ_SLAB: u16 = 0x16;
+    /// Control (admin only): freeze a slab (data operations refused with
+    /// SlabFrozen until it is thawed).
+    pub const FREEZE_SLAB: u16 = 0x17;
 }
 
 /// Frame kinds of replies from a memory server.
@@ -76,6 +88,9 @@ pub enum Request<'a> {
         version: u16,
         /// Admin key (0 for ordinary clients).
         admin_key: u64,
+        /// The client's session id: atomics carrying a request id are
+        /// applied once per (session, request id), across connections.
+        session: u64,
     },
     /// Read `len` bytes.
     Read {
@@ -99,6 +114,9 @@ pub enum Request<'a> {
         expected: u64,
         /// Value stored if the current value equals `expected`.
         new: u64,
+        /// Request id (0: none). A retry with the same session and id gets
+        /// the first outcome instead of being applied again.
+        rid: u64,
     },
     /// Wrapping fetch-and-add on the little-endian u64 at an 8-aligned offset.
     Faa {
@@ -106,6 +124,30 @@ pub enum Request<'a> {
         at: Target,
         /// Added value (wrapping).
         delta: u64,
+        /// Request id (0: none), as for [`Request::Cas`].
+        rid: u64,
+    },
+    /// Write `data` and reply DATA with the bytes it replaced, atomically.
+    /// The slab counts the swap as in flight until a [`Request::Commit`].
+    Swap {
+        /// Location.
+        at: Target,
+        /// Bytes to write.
+        data: &'a [u8],
+    },
+    /// XOR `data` into the slab's bytes, atomically (applied even while the
+    /// slab is frozen, so that writes in flight can finish).
+    Xor {
+        /// Location.
+        at: Target,
+        /// Bytes to XOR in.
+        data: &'a [u8],
+    },
+    /// The parity updates of a [`Request::Swap`] on this slab are done (or
+    /// abandoned): one fewer write in flight. Accepted while frozen.
+    Commit {
+        /// The slab (offset ignored).
+        at: Target,
     },
     /// A batch of data operations; iterate with [`BatchOps`].
     Batch(BatchOps<'a>),
@@ -129,10 +171,14 @@ pub enum Request<'a> {
         /// Most ids to return.
         max: u32,
     },
-    /// Let a slab frozen by a copy take writes again (after a failed move).
+    /// Let a frozen slab take data operations again; a non-zero `new_key`
+    /// replaces its capability key first (so clients with an older map are
+    /// refused and fetch the new one).
     ThawSlab {
         /// Slab id.
         slab: u64,
+        /// New capability key, or 0 to keep the current one.
+        new_key: u64,
     },
     /// Freeze a slab (data operations refused from now on), then copy it
     /// whole to `dest_slab` (capability `dest_key`) on the server at
@@ -146,6 +192,22 @@ pub enum Request<'a> {
         dest_key: u64,
         /// Destination server address (`host:port`).
         dest_addr: &'a str,
+    },
+    /// Freeze a slab: data operations are refused until [`Request::ThawSlab`]
+    /// (except XOR and COMMIT). Replies VALUE: the swaps still in flight on
+    /// the slab, so the caller can wait for them to finish.
+    FreezeSlab {
+        /// Slab id.
+        slab: u64,
+    },
+    /// Read `len` bytes at `offset` of a slab, frozen or not (reply DATA).
+    ReadSlab {
+        /// Slab id.
+        slab: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to read.
+        len: u32,
     },
     /// Ask for statistics.
     Stats,
@@ -273,6 +335,7 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
             Request::Hello {
                 version: c.u16()?,
                 admin_key: c.u64()?,
+                session: c.u64()?,
             }
         }
         op::READ => Request::Read {
@@ -287,11 +350,22 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
             at: c.target()?,
             expected: c.u64()?,
             new: c.u64()?,
+            rid: c.u64()?,
         },
         op::FAA => Request::Faa {
             at: c.target()?,
             delta: c.u64()?,
+            rid: c.u64()?,
         },
+        op::SWAP => {
+            let at = c.target()?;
+            return Ok(Request::Swap { at, data: c.rest() });
+        }
+        op::XOR => {
+            let at = c.target()?;
+            return Ok(Request::Xor { at, data: c.rest() });
+        }
+        op::COMMIT => Request::Commit { at: c.target()? },
         op::BATCH => {
             let count = c.u32()?;
             if count > MAX_BATCH_OPS {
@@ -307,7 +381,10 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
             key: c.u64()?,
         },
         op::DROP_SLAB => Request::DropSlab { slab: c.u64()? },
-        op::THAW_SLAB => Request::ThawSlab { slab: c.u64()? },
+        op::THAW_SLAB => Request::ThawSlab {
+            slab: c.u64()?,
+            new_key: c.u64()?,
+        },
         op::LIST_SLABS => Request::ListSlabs {
             after: c.u64()?,
             max: c.u32()?,
@@ -325,6 +402,12 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
                 dest_addr: addr,
             }
         }
+        op::FREEZE_SLAB => Request::FreezeSlab { slab: c.u64()? },
+        op::READ_SLAB => Request::ReadSlab {
+            slab: c.u64()?,
+            offset: c.u64()?,
+            len: c.u32()?,
+        },
         op::STATS => Request::Stats,
         other => return Err(DecodeError::UnknownKind(other)),
     };
@@ -335,11 +418,16 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
 /// Appends a complete request frame to `out`.
 pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
     match req {
-        Request::Hello { version, admin_key } => {
-            put_header(out, id, op::HELLO, 14);
+        Request::Hello {
+            version,
+            admin_key,
+            session,
+        } => {
+            put_header(out, id, op::HELLO, 22);
             out.extend_from_slice(&MAGIC);
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&admin_key.to_le_bytes());
+            out.extend_from_slice(&session.to_le_bytes());
         }
         Request::Read { at, len } => {
             put_header(out, id, op::READ, 28);
@@ -351,16 +439,37 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             put_target(out, at);
             crate::copy::extend(out, data);
         }
-        Request::Cas { at, expected, new } => {
-            put_header(out, id, op::CAS, 40);
+        Request::Cas {
+            at,
+            expected,
+            new,
+            rid,
+        } => {
+            put_header(out, id, op::CAS, 48);
             put_target(out, at);
             out.extend_from_slice(&expected.to_le_bytes());
             out.extend_from_slice(&new.to_le_bytes());
+            out.extend_from_slice(&rid.to_le_bytes());
         }
-        Request::Faa { at, delta } => {
-            put_header(out, id, op::FAA, 32);
+        Request::Faa { at, delta, rid } => {
+            put_header(out, id, op::FAA, 40);
             put_target(out, at);
             out.extend_from_slice(&delta.to_le_bytes());
+            out.extend_from_slice(&rid.to_le_bytes());
+        }
+        Request::Swap { at, data } => {
+            put_header(out, id, op::SWAP, 24 + data.len());
+            put_target(out, at);
+            crate::copy::extend(out, data);
+        }
+        Request::Xor { at, data } => {
+            put_header(out, id, op::XOR, 24 + data.len());
+            put_target(out, at);
+            crate::copy::extend(out, data);
+        }
+        Request::Commit { at } => {
+            put_header(out, id, op::COMMIT, 24);
+            put_target(out, at);
         }
         Request::Batch(ops) => {
             put_header(out, id, op::BATCH, 4 + ops.body.len());
@@ -376,9 +485,10 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             put_header(out, id, op::DROP_SLAB, 8);
             out.extend_from_slice(&slab.to_le_bytes());
         }
-        Request::ThawSlab { slab } => {
-            put_header(out, id, op::THAW_SLAB, 8);
+        Request::ThawSlab { slab, new_key } => {
+            put_header(out, id, op::THAW_SLAB, 16);
             out.extend_from_slice(&slab.to_le_bytes());
+            out.extend_from_slice(&new_key.to_le_bytes());
         }
         Request::ListSlabs { after, max } => {
             put_header(out, id, op::LIST_SLABS, 12);
@@ -399,6 +509,16 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             out.extend_from_slice(&dest_key.to_le_bytes());
             out.extend_from_slice(&(a.len() as u16).to_le_bytes());
             out.extend_from_slice(a);
+        }
+        Request::FreezeSlab { slab } => {
+            put_header(out, id, op::FREEZE_SLAB, 8);
+            out.extend_from_slice(&slab.to_le_bytes());
+        }
+        Request::ReadSlab { slab, offset, len } => {
+            put_header(out, id, op::READ_SLAB, 20);
+            out.extend_from_slice(&slab.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
         }
         Request::Stats => put_header(out, id, op::STATS, 0),
     }
@@ -773,13 +893,14 @@ pub fn put_data_header(out: &mut Vec<u8>, id: u64, len: usize) {
 }
 
 /// Encodes a handshake request with this crate's version.
-pub fn hello(out: &mut Vec<u8>, id: u64, admin_key: u64) {
+pub fn hello(out: &mut Vec<u8>, id: u64, admin_key: u64, session: u64) {
     encode_request(
         out,
         id,
         &Request::Hello {
             version: VERSION,
             admin_key,
+            session,
         },
     );
 }
@@ -885,16 +1006,21 @@ mod tests {
         #[test]
         fn request_roundtrip(id in any::<u64>(), at in target(), data in proptest::collection::vec(any::<u8>(), 0..100), a in any::<u64>(), b in any::<u64>(), len in any::<u32>()) {
             let reqs = [
-                Request::Hello { version: 3, admin_key: a },
+                Request::Hello { version: 3, admin_key: a, session: b },
                 Request::Read { at, len },
                 Request::Write { at, data: &data },
-                Request::Cas { at, expected: a, new: b },
-                Request::Faa { at, delta: a },
+                Request::Swap { at, data: &data },
+                Request::Xor { at, data: &data },
+                Request::Commit { at },
+                Request::Cas { at, expected: a, new: b, rid: a ^ 1 },
+                Request::Faa { at, delta: a, rid: b },
                 Request::CreateSlab { slab: a, key: b },
                 Request::DropSlab { slab: a },
-                Request::ThawSlab { slab: b },
+                Request::ThawSlab { slab: b, new_key: a },
                 Request::ListSlabs { after: a, max: len },
                 Request::CopySlab { slab: a, dest_slab: b, dest_key: a ^ b, dest_addr: "127.0.0.1:99" },
+                Request::ReadSlab { slab: a, offset: b, len },
+                Request::FreezeSlab { slab: a },
                 Request::Stats,
             ];
             for r in reqs {

@@ -13,6 +13,7 @@
 pub mod copy;
 pub mod ctl;
 pub mod data;
+pub mod erasure;
 pub mod frame;
 pub mod size;
 
@@ -20,7 +21,7 @@ pub mod size;
 pub const MAGIC: [u8; 4] = *b"RMRA";
 
 /// Protocol version spoken by this build. Peers with another version are refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Why a byte sequence is not a valid frame or payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,6 +122,10 @@ error_codes! {
     /// The slab is being moved: the operation was refused (not applied);
     /// refresh the region map and retry.
     SlabFrozen = 14,
+    /// The server has lost contact with the controller for longer than its
+    /// lease and refuses data operations until it is confirmed a member
+    /// again (it may have been declared dead and its data rebuilt elsewhere).
+    Fenced = 15,
     /// Unknown or missing tenant token.
     Unauthenticated = 20,
     /// The allocation would exceed the tenant's quota.
@@ -137,6 +142,11 @@ error_codes! {
     UnknownServer = 26,
     /// Talking to a memory server failed.
     ServerUnavailable = 27,
+    /// Data was on a server that died and the region has no redundancy left
+    /// to rebuild it from.
+    DataLost = 28,
+    /// The operation is not supported on this kind of region.
+    Unsupported = 29,
 }
 
 impl std::fmt::Display for ErrorCode {
@@ -156,6 +166,9 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::HandshakeRequired => "handshake required",
             ErrorCode::NotReady => "server not ready",
             ErrorCode::SlabFrozen => "slab is being moved",
+            ErrorCode::Fenced => "server fenced (lost contact with the controller)",
+            ErrorCode::DataLost => "data lost",
+            ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::QuotaExceeded => "quota exceeded",
             ErrorCode::RegionNotFound => "region not found",

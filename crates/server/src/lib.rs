@@ -19,6 +19,7 @@
 //! before it blocks again, so pipelined requests cost one system call per
 //! burst rather than per request.
 
+pub mod dedupe;
 pub mod pool;
 
 use std::io::Write;
@@ -112,6 +113,31 @@ struct Shared {
     pool: OnceLock<SlabPool>,
     latency: LatencyInjector,
     connections: AtomicU64,
+    /// Clock origin of `lease_until`.
+    born: Instant,
+    /// Data operations are served until this many nanoseconds after `born`
+    /// (0: never registered). Renewed by each answered heartbeat.
+    lease_until: AtomicU64,
+    /// Outcomes of atomics with request ids.
+    dedupe: parking_lot::Mutex<dedupe::Dedupe>,
+}
+
+impl Shared {
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.born).as_nanos() as u64
+    }
+
+    /// True while the controller's last answer is recent enough.
+    fn leased(&self) -> bool {
+        self.nanos(Instant::now()) < self.lease_until.load(Ordering::Acquire)
+    }
+
+    /// Extends the lease to `lease` after `sent` (when the request the
+    /// controller just answered left).
+    fn renew(&self, sent: Instant, lease: Duration) {
+        self.lease_until
+            .fetch_max(self.nanos(sent + lease), Ordering::AcqRel);
+    }
 }
 
 /// A running server.
@@ -163,6 +189,9 @@ pub fn start(mut cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         cfg,
         pool: OnceLock::new(),
         connections: AtomicU64::new(0),
+        born: Instant::now(),
+        lease_until: AtomicU64::new(0),
+        dedupe: Default::default(),
     });
     {
         let shared = shared.clone();
@@ -261,6 +290,7 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
         LatencyInjector::default(),
     )
     .map_err(|e| e.to_string())?;
+    let sent = Instant::now();
     let reply = ctl_call(
         &mut conn,
         &CtlRequest::Register {
@@ -273,11 +303,18 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
             slabs_used: shared.pool.get().map_or(0, |p| p.used_slabs()),
         },
     )?;
-    let (slab_size, hb) = match reply {
+    let (slab_size, hb, lease, keep) = match reply {
         CtlReply::Registered {
             slab_size,
             heartbeat_ms,
-        } => (slab_size, heartbeat_ms),
+            lease_ms,
+            keep,
+        } => (
+            slab_size,
+            heartbeat_ms,
+            Duration::from_millis(lease_ms),
+            keep,
+        ),
         CtlReply::Error { code, message } => {
             return Err(format!("register refused: {code}: {message}"))
         }
@@ -292,6 +329,13 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
             pool.slab_size()
         ));
     }
+    if let Some(keep) = keep {
+        let dropped = pool.retain(&keep.into_iter().collect());
+        if dropped > 0 {
+            warn!("dropped {dropped} slabs the controller no longer maps to this server");
+        }
+    }
+    shared.renew(sent, lease);
     info!(
         "registered with controller {} as server {:016x} ({} slabs of {} bytes)",
         shared.cfg.controller,
@@ -308,6 +352,7 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
             std::thread::sleep(interval);
         }
         first = false;
+        let sent = Instant::now();
         let reply = ctl_call(
             &mut conn,
             &CtlRequest::Heartbeat {
@@ -317,7 +362,17 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
             },
         )?;
         match reply {
-            CtlReply::Ack => {}
+            CtlReply::Ack => shared.renew(sent, lease),
+            CtlReply::Error {
+                code: ErrorCode::Fenced,
+                message,
+            } => {
+                // Declared dead: the data was rebuilt elsewhere or reported
+                // lost, so none of it may be served again.
+                let dropped = pool.retain(&Default::default());
+                warn!("the controller declared this server dead ({message}): dropped {dropped} slabs, registering again");
+                return Err("declared dead".into());
+            }
             CtlReply::Error { code, message } => {
                 return Err(format!("heartbeat refused: {code}: {message}"))
             }
@@ -329,6 +384,7 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
 struct ConnState {
     admin: bool,
     greeted: bool,
+    session: u64,
     scratch: Vec<u8>,
 }
 
@@ -356,6 +412,7 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let mut st = ConnState {
         admin: false,
         greeted: false,
+        session: 0,
         scratch: Vec::new(),
     };
     let mut out: Vec<u8> = Vec::with_capacity(256 << 10);
@@ -384,7 +441,7 @@ fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 let (id, kind) = (f.id, f.kind);
                 let was_greeted = st.greeted;
                 let req = decode_request(kind, f.payload);
-                if st.greeted {
+                if st.greeted && (st.admin || shared.leased()) {
                     if let Ok(Request::Read { at, len }) = req {
                         if len >= DIRECT_MIN
                             && len as usize <= shared.cfg.max_frame as usize - HEADER_LEN
@@ -501,7 +558,11 @@ fn handle(
     };
     if !st.greeted {
         return match req {
-            Request::Hello { version, admin_key } => {
+            Request::Hello {
+                version,
+                admin_key,
+                session,
+            } => {
                 if version != VERSION {
                     put_error(
                         out,
@@ -513,6 +574,7 @@ fn handle(
                 }
                 st.greeted = true;
                 st.admin = admin_key != 0 && admin_key == shared.admin_key;
+                st.session = session;
                 data::encode_reply(
                     out,
                     id,
@@ -552,6 +614,8 @@ fn handle(
             | Request::ListSlabs { .. }
             | Request::ThawSlab { .. }
             | Request::CopySlab { .. }
+            | Request::ReadSlab { .. }
+            | Request::FreezeSlab { .. }
     );
     if control && !st.admin {
         put_error(
@@ -559,6 +623,15 @@ fn handle(
             id,
             ErrorCode::NotAuthorized,
             "control operations need the admin key",
+        );
+        return true;
+    }
+    if !control && !st.admin && !shared.leased() && !matches!(req, Request::Stats) {
+        put_error(
+            out,
+            id,
+            ErrorCode::Fenced,
+            "server has not heard from the controller within its lease; try another copy or later",
         );
         return true;
     }
@@ -587,14 +660,60 @@ fn handle(
             Ok(()) => data::encode_reply(out, id, &Reply::Done),
             Err(code) => put_error(out, id, code, &describe(code, &at)),
         },
-        Request::Cas { at, expected, new } => match pool.cas(&at, expected, new) {
+        Request::Cas {
+            at,
+            expected,
+            new,
+            rid,
+        } => match once(shared, st.session, rid, || pool.cas(&at, expected, new)) {
             Ok(v) => data::encode_reply(out, id, &Reply::Value(v)),
             Err(code) => put_error(out, id, code, &describe(code, &at)),
         },
-        Request::Faa { at, delta } => match pool.faa(&at, delta) {
-            Ok(v) => data::encode_reply(out, id, &Reply::Value(v)),
+        Request::Faa { at, delta, rid } => {
+            match once(shared, st.session, rid, || pool.faa(&at, delta)) {
+                Ok(v) => data::encode_reply(out, id, &Reply::Value(v)),
+                Err(code) => put_error(out, id, code, &describe(code, &at)),
+            }
+        }
+        Request::Swap { at, data } => {
+            let r = pool.swap(&at, data, |old| {
+                put_data_header(out, id, old.len());
+                remora_proto::copy::extend(out, old);
+            });
+            if let Err(code) = r {
+                put_error(out, id, code, &describe(code, &at));
+            }
+        }
+        Request::Xor { at, data } => match pool.xor(&at, data) {
+            Ok(()) => data::encode_reply(out, id, &Reply::Done),
             Err(code) => put_error(out, id, code, &describe(code, &at)),
         },
+        Request::Commit { at } => match pool.commit(&at) {
+            Ok(()) => data::encode_reply(out, id, &Reply::Done),
+            Err(code) => put_error(out, id, code, &describe(code, &at)),
+        },
+        Request::FreezeSlab { slab } => match pool.freeze(slab) {
+            Ok(n) => data::encode_reply(out, id, &Reply::Value(n)),
+            Err(code) => put_error(out, id, code, &format!("freeze slab {slab}: {code}")),
+        },
+        Request::ReadSlab { slab, offset, len } => {
+            if len as usize > max_reply {
+                put_error(
+                    out,
+                    id,
+                    ErrorCode::FrameTooLarge,
+                    &format!("read of {len} bytes exceeds the maximum reply of {max_reply}"),
+                );
+            } else {
+                match pool.read_admin(slab, offset, &mut st.scratch, len as usize) {
+                    Ok(()) => {
+                        put_data_header(out, id, st.scratch.len());
+                        remora_proto::copy::extend(out, &st.scratch);
+                    }
+                    Err(code) => put_error(out, id, code, &format!("read slab {slab}: {code}")),
+                }
+            }
+        }
         Request::Batch(ops) => {
             let mut w = BatchReplyWriter::begin(out, id);
             // Reserve room for the count and for the largest non-data
@@ -648,7 +767,13 @@ fn handle(
                 out.extend_from_slice(&i.to_le_bytes());
             }
         }
-        Request::ThawSlab { slab } => match pool.set_frozen(slab, false) {
+        Request::ThawSlab { slab, new_key } => match (if new_key != 0 {
+            pool.rekey(slab, new_key)
+        } else {
+            Ok(())
+        })
+        .and_then(|()| pool.set_frozen(slab, false))
+        {
             Ok(()) => data::encode_reply(out, id, &Reply::Done),
             Err(code) => put_error(out, id, code, &format!("thaw slab {slab}: {code}")),
         },
@@ -668,6 +793,28 @@ fn handle(
         }
     }
     true
+}
+
+/// Applies an atomic once per (session, request id): a retry of one that
+/// was applied gets its first result. Request id 0 opts out.
+fn once(
+    shared: &Shared,
+    session: u64,
+    rid: u64,
+    apply: impl FnOnce() -> Result<u64, ErrorCode>,
+) -> Result<u64, ErrorCode> {
+    if rid == 0 {
+        return apply();
+    }
+    // Held across the apply so that two retries racing on two connections
+    // cannot both apply; atomics are short.
+    let mut d = shared.dedupe.lock();
+    if let Some(v) = d.get(session, rid) {
+        return Ok(v);
+    }
+    let v = apply()?;
+    d.put(session, rid, v);
+    Ok(v)
 }
 
 fn describe(code: ErrorCode, at: &Target) -> String {
@@ -711,7 +858,7 @@ fn copy_slab(
         }
     };
     check(
-        conn.call(|b, id| data::hello(b, id, 0))
+        conn.call(|b, id| data::hello(b, id, 0, 0))
             .map_err(unavailable)?,
     )?;
     let started = Instant::now();

@@ -26,11 +26,13 @@ struct Slab {
     data: RwLock<SlabData>,
 }
 
-/// A slab's bytes, and whether it is frozen (being moved).
+/// A slab's bytes, whether it is frozen (being moved or rebuilt), and how
+/// many erasure-coded writes on it await their parity updates.
 #[derive(Debug)]
 struct SlabData {
     bytes: Box<[u8]>,
     frozen: bool,
+    swaps_in_flight: u64,
 }
 
 /// Counters shared by all connections.
@@ -105,6 +107,7 @@ impl SlabPool {
                 data: RwLock::new(SlabData {
                     bytes: data,
                     frozen: false,
+                    swaps_in_flight: 0,
                 }),
             },
         );
@@ -144,11 +147,13 @@ impl SlabPool {
     ) -> Result<R, ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
-        let r = self.range(slab, at, len as u64)?;
         let data = slab.data.read();
+        // Frozen first: while a slab is rekeyed during a rebuild, clients
+        // holding either key are told to wait, not that their key is bad.
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
+        let r = self.range(slab, at, len as u64)?;
         let data = &data.bytes;
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -161,11 +166,11 @@ impl SlabPool {
     pub fn write(&self, at: &Target, bytes: &[u8]) -> Result<(), ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
-        let r = self.range(slab, at, bytes.len() as u64)?;
         let mut data = slab.data.write();
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
+        let r = self.range(slab, at, bytes.len() as u64)?;
         remora_proto::copy::copy(&mut data.bytes[r], bytes);
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -177,13 +182,13 @@ impl SlabPool {
     fn atomic(&self, at: &Target, f: impl FnOnce(u64) -> u64) -> Result<u64, ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
-        let r = self.range(slab, at, 8)?;
-        if !at.offset.is_multiple_of(8) {
-            return Err(ErrorCode::Unaligned);
-        }
         let mut data = slab.data.write();
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
+        }
+        let r = self.range(slab, at, 8)?;
+        if !at.offset.is_multiple_of(8) {
+            return Err(ErrorCode::Unaligned);
         }
         let word = &mut data.bytes[r];
         let mut b = [0u8; 8];
@@ -192,6 +197,70 @@ impl SlabPool {
         word.copy_from_slice(&f(old).to_le_bytes());
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         Ok(old)
+    }
+
+    /// Writes `bytes` at `at` and hands the bytes they replaced to `f`, in
+    /// one step (erasure-coded writes derive their parity update from it).
+    pub fn swap<R>(
+        &self,
+        at: &Target,
+        bytes: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ErrorCode> {
+        let t = self.slabs.read();
+        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let mut data = slab.data.write();
+        if data.frozen {
+            return Err(ErrorCode::SlabFrozen);
+        }
+        let r = self.range(slab, at, bytes.len() as u64)?;
+        let out = f(&data.bytes[r.clone()]);
+        remora_proto::copy::copy(&mut data.bytes[r], bytes);
+        data.swaps_in_flight += 1;
+        self.counters.ops.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// XORs `bytes` into the slab at `at` (parity updates). Applied even
+    /// to a frozen slab: a rebuild freezes a stripe and then waits for the
+    /// writes in flight to finish their parity updates.
+    pub fn xor(&self, at: &Target, bytes: &[u8]) -> Result<(), ErrorCode> {
+        let t = self.slabs.read();
+        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let r = self.range(slab, at, bytes.len() as u64)?;
+        let mut data = slab.data.write();
+        for (d, s) in data.bytes[r].iter_mut().zip(bytes) {
+            *d ^= *s;
+        }
+        self.counters.ops.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends a swap on slab `at.slab` (its parity updates are done).
+    pub fn commit(&self, at: &Target) -> Result<(), ErrorCode> {
+        let t = self.slabs.read();
+        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        if slab.key != at.key {
+            return Err(ErrorCode::BadCapability);
+        }
+        let mut data = slab.data.write();
+        data.swaps_in_flight = data.swaps_in_flight.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Freezes slab `id`; returns the swaps on it still in flight.
+    pub fn freeze(&self, id: u64) -> Result<u64, ErrorCode> {
+        let t = self.slabs.read();
+        let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
+        let mut data = slab.data.write();
+        data.frozen = true;
+        Ok(data.swaps_in_flight)
     }
 
     /// Compare-and-swap; returns the previous value (equal to `expected` on success).
@@ -204,7 +273,8 @@ impl SlabPool {
         self.atomic(at, |old| old.wrapping_add(delta))
     }
 
-    /// Copies `len` bytes from `offset` of slab `id` into `out` (for slab copies).
+    /// Copies `len` bytes from `offset` of slab `id` into `out`, whatever
+    /// its key or freeze (slab copies and rebuilds).
     pub fn read_admin(
         &self,
         id: u64,
@@ -234,6 +304,23 @@ impl SlabPool {
         let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
         slab.data.write().frozen = frozen;
         Ok(())
+    }
+
+    /// Replaces slab `id`'s capability key (clients holding the old one are
+    /// refused with [`ErrorCode::BadCapability`] and fetch the new map).
+    pub fn rekey(&self, id: u64, key: u64) -> Result<(), ErrorCode> {
+        let mut t = self.slabs.write();
+        let slab = t.get_mut(&id).ok_or(ErrorCode::UnknownSlab)?;
+        slab.key = key;
+        Ok(())
+    }
+
+    /// Drops every slab not in `keep`; returns how many were dropped.
+    pub fn retain(&self, keep: &std::collections::HashSet<u64>) -> usize {
+        let mut t = self.slabs.write();
+        let before = t.len();
+        t.retain(|id, _| keep.contains(id));
+        before - t.len()
     }
 
     /// Up to `max` slab ids greater than `after`, ascending.
@@ -321,6 +408,35 @@ mod tests {
         p.drop_slab(1).unwrap();
         assert_eq!(p.drop_slab(1), Err(ErrorCode::UnknownSlab));
         p.create(9, 1).unwrap();
+    }
+
+    #[test]
+    fn swap_and_xor() {
+        let p = SlabPool::new(8192, 4096);
+        p.create(1, 7).unwrap();
+        p.write(&at(1, 7, 10), &[1, 2, 3]).unwrap();
+        let old = p.swap(&at(1, 7, 9), &[9, 9, 9, 9], |b| b.to_vec()).unwrap();
+        assert_eq!(old, vec![0, 1, 2, 3]);
+        assert_eq!(p.freeze(1), Ok(1));
+        p.xor(&at(1, 7, 9), &[1, 1, 1, 1]).unwrap();
+        p.commit(&at(1, 7, 0)).unwrap();
+        assert_eq!(p.freeze(1), Ok(0));
+        p.set_frozen(1, false).unwrap();
+        let mut got = Vec::new();
+        p.read(&at(1, 7, 9), 4, |b| got.extend_from_slice(b))
+            .unwrap();
+        assert_eq!(got, vec![8, 8, 8, 8]);
+        assert_eq!(p.xor(&at(1, 8, 0), &[1]), Err(ErrorCode::BadCapability));
+        assert_eq!(
+            p.swap(&at(1, 7, 4095), &[1, 2], |_| ()),
+            Err(ErrorCode::OutOfRange)
+        );
+        p.rekey(1, 99).unwrap();
+        assert_eq!(p.write(&at(1, 7, 0), &[1]), Err(ErrorCode::BadCapability));
+        p.write(&at(1, 99, 0), &[1]).unwrap();
+        p.create(2, 1).unwrap();
+        assert_eq!(p.retain(&[2].into_iter().collect()), 1);
+        assert_eq!(p.list(0, 10), vec![2]);
     }
 
     #[test]

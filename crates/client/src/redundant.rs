@@ -1,0 +1,772 @@
+//! Operations on regions with redundancy: replication and erasure coding.
+//!
+//! **Replicate(n).** Every slab has n copies on n distinct servers; the
+//! first copy not marked lost is the primary.
+//! * Reads go to the primary; one that fails, or has no reply within
+//!   [`crate::ClientOptions::hedge_after`], goes to the next copy at once.
+//! * Writes go to every live copy in parallel and are acknowledged when all
+//!   have applied them.
+//! * Atomics are ordered by the primary: the client applies the atomic
+//!   there (with a request id, so a resend is applied once), then moves
+//!   each other copy from the primary's old value to its new one with a
+//!   compare-and-swap. Because every copy goes through the primary's
+//!   transitions in the primary's order, copies agree once the atomics
+//!   acknowledged so far have landed; a copy that is behind (an earlier
+//!   atomic from another thread or client still on its way) is waited for;
+//!   one left behind by a client that died mid-atomic is set to the
+//!   primary's value after [`CONVERGE`]. Mixing plain writes and atomics on
+//!   the same word concurrently has no defined order across copies.
+//!
+//! **Erasure(k, m).** Data slab `i` belongs to stripe `i / k`; the stripe's
+//! m parity slabs hold Reed–Solomon parity (see `remora_proto::erasure`).
+//! * Reads go to the data slab; one whose server is lost, failing or slow
+//!   is reconstructed from k other pieces of the stripe (64-byte aligned).
+//! * A write swaps the new bytes into the data slab (the server returns the
+//!   old ones and counts the write as in flight), XORs the parity delta of
+//!   the change into every live parity slab, then commits on the data slab.
+//!   Deltas commute, so concurrent writes to different slabs of a stripe
+//!   need no lock. A rebuild freezes the stripe and waits for writes in
+//!   flight to commit before it reads it. If a parity update fails or the
+//!   swap's outcome is unknown, the client rewrites the data and recomputes
+//!   the range's parity from the data slabs before acknowledging.
+//! * Within one client, reconstructions and parity repairs of a stripe take
+//!   its lock exclusively and writes take it shared, so a client never
+//!   decodes a stripe it is half-way through updating. A reconstruction
+//!   racing another client's write to the same stripe may decode a mix.
+//! * Atomics are refused ([`ClientError::Unsupported`]): use a replicated
+//!   region for words that need them.
+//!
+//! Writes to a slab whose server was declared dead wait for its rebuild
+//! (replication writes the surviving copies at once). Every operation keeps
+//! retrying through failover for [`crate::ClientOptions::failover_timeout`].
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remora_proto::ctl::{Redundancy, RegionMap, SlabLoc};
+use remora_proto::data::{self, Reply, Request, Target};
+use remora_proto::erasure::{self, Codec};
+use remora_proto::ErrorCode;
+
+use super::{check, protocol, unsent, Attempt, Region, STRIPE_LOCKS};
+use crate::conn::Conn;
+use crate::{ClientError, Result};
+
+/// How long a replica may lag the primary's atomics before it is repaired.
+pub(crate) const CONVERGE: Duration = Duration::from_millis(500);
+
+/// A request on its way. Dropped before its reply is taken, it is abandoned.
+struct Sent {
+    conn: Arc<Conn>,
+    id: u64,
+    taken: bool,
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.conn.abandon(self.id);
+        }
+    }
+}
+
+/// Waits for a reply and maps it with `f` (`None`: unexpected reply).
+fn recv<T>(mut s: Sent, f: impl FnOnce(Reply<'_>) -> Option<T>) -> Result<T, Attempt> {
+    s.taken = true;
+    let conn = s.conn.clone();
+    let r = conn.wait_with(s.id, |kind, payload| {
+        check(&conn, kind, payload)?;
+        match data::decode_reply(kind, payload) {
+            Ok(r) => f(r).ok_or_else(|| protocol(&conn, "unexpected reply")),
+            Err(_) => Err(protocol(&conn, "undecodable reply")),
+        }
+    });
+    r.and_then(|x| x).map_err(Attempt::from)
+}
+
+fn done(r: Reply<'_>) -> Option<()> {
+    matches!(r, Reply::Done).then_some(())
+}
+
+/// Errors after which trying again (another copy, a fresh map, later) can
+/// help: the server or slab is unavailable, moving, rebuilt or fenced.
+fn transient(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            ErrorCode::SlabFrozen
+                | ErrorCode::Fenced
+                | ErrorCode::UnknownSlab
+                | ErrorCode::BadCapability
+                | ErrorCode::ServerUnavailable
+                | ErrorCode::NotReady
+        )
+    )
+}
+
+/// Errors with which a server refused a request before applying it.
+fn refused(e: &ClientError) -> bool {
+    matches!(
+        e.code(),
+        Some(
+            ErrorCode::SlabFrozen
+                | ErrorCode::Fenced
+                | ErrorCode::UnknownSlab
+                | ErrorCode::BadCapability
+                | ErrorCode::NotReady
+        )
+    )
+}
+
+fn at(loc: &SlabLoc, offset: u64) -> Target {
+    Target {
+        slab: loc.slab,
+        key: loc.key,
+        offset,
+    }
+}
+
+/// The piece at `index` in [`RegionMap::pieces`] order.
+fn piece(map: &RegionMap, index: usize) -> &SlabLoc {
+    let n = map.slabs.len();
+    if index < n {
+        &map.slabs[index]
+    } else {
+        &map.extra[index - n]
+    }
+}
+
+/// One piece of an operation: a range inside one data slab.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    slab: usize,
+    off: u64,
+    len: usize,
+    buf_off: usize,
+}
+
+impl Region {
+    fn send_to(&self, loc: &SlabLoc, req: &Request<'_>, within: Duration) -> Result<Sent, Attempt> {
+        let conn = self.inner.conn(&loc.addr).map_err(unsent)?;
+        let id = conn
+            .submit_within(|b, id| data::encode_request(b, id, req), within)
+            .map_err(unsent)?;
+        Ok(Sent {
+            conn,
+            id,
+            taken: false,
+        })
+    }
+
+    fn plan(&self, map: &RegionMap, offset: u64, len: usize) -> Result<Vec<Piece>, Attempt> {
+        let mut v = Vec::new();
+        self.pieces(map, offset, len as u64, |slab, off, len, buf_off| {
+            v.push(Piece {
+                slab,
+                off,
+                len,
+                buf_off,
+            });
+            Ok(())
+        })?;
+        Ok(v)
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or failover takes longer
+    /// than `failover_timeout`; between tries it backs off, drops broken
+    /// connections and refreshes the map (a controller that is restarting
+    /// just leaves the old map in place).
+    fn settle<T>(&self, mut op: impl FnMut(&RegionMap) -> Result<T, Attempt>) -> Result<T> {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(1);
+        loop {
+            let map = self.map.read().clone();
+            let err = match op(&map) {
+                Ok(v) => return Ok(v),
+                Err(a) => a.err,
+            };
+            if !transient(&err) || started.elapsed() > self.inner.opts.failover_timeout {
+                return Err(err);
+            }
+            if err.is_unavailable() {
+                for loc in map.pieces() {
+                    self.inner.forget_conn(&loc.addr);
+                }
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_millis(50));
+            let _ = self.refresh();
+        }
+    }
+
+    /// Live copies of data slab `slab` (replication), primary first.
+    fn copies<'m>(&self, map: &'m RegionMap, slab: usize) -> Vec<&'m SlabLoc> {
+        map.group_of(slab)
+            .into_iter()
+            .map(|i| piece(map, i))
+            .filter(|l| !l.lost)
+            .collect()
+    }
+
+    fn group_lost(&self, map: &RegionMap, slab: usize, offset: u64) -> Attempt {
+        unsent(ClientError::DataLost {
+            region: self.id,
+            offset: slab as u64 * map.slab_size + offset,
+            detail: format!(
+                "more servers of slab {slab}'s group died than {} tolerates",
+                map.redundancy
+            ),
+        })
+    }
+
+    /// Deadline of a read's first choice: short when there is somewhere
+    /// else to go.
+    fn first_try(&self, map: &RegionMap, slab: usize) -> Duration {
+        let o = &self.inner.opts;
+        let alternatives = match map.redundancy {
+            Redundancy::Replicate(_) => self.copies(map, slab).len() > 1,
+            _ => true,
+        };
+        if alternatives {
+            o.hedge_after.min(o.request_timeout)
+        } else {
+            o.request_timeout
+        }
+    }
+
+    pub(super) fn redundant_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.settle(|map| {
+            let plan = self.plan(map, offset, buf.len())?;
+            // Every piece's first choice in parallel; hedged.
+            let mut sent = Vec::with_capacity(plan.len());
+            for p in &plan {
+                let within = self.first_try(map, p.slab);
+                let first = match map.redundancy {
+                    Redundancy::Replicate(_) => self.copies(map, p.slab).first().copied(),
+                    _ => Some(&map.slabs[p.slab]).filter(|l| !l.lost),
+                };
+                let s = first.and_then(|loc| {
+                    let req = Request::Read {
+                        at: at(loc, p.off),
+                        len: p.len as u32,
+                    };
+                    self.send_to(loc, &req, within).ok()
+                });
+                sent.push(s);
+            }
+            for (p, s) in plan.iter().zip(sent) {
+                let out = &mut buf[p.buf_off..p.buf_off + p.len];
+                let got = s.map(|s| {
+                    recv(s, |r| match r {
+                        Reply::Data(d) if d.len() == out.len() => {
+                            remora_proto::copy::copy(out, d);
+                            Some(())
+                        }
+                        _ => None,
+                    })
+                });
+                match got {
+                    Some(Ok(())) => {}
+                    Some(Err(a)) if !transient(&a.err) => return Err(a),
+                    _ => self.fallback_read(map, p, out)?,
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads a piece whose first choice failed: the other copies in turn,
+    /// or a reconstruction from the rest of the stripe.
+    fn fallback_read(&self, map: &RegionMap, p: &Piece, out: &mut [u8]) -> Result<(), Attempt> {
+        match map.redundancy {
+            Redundancy::Erasure { data, parity } => {
+                self.degraded_read(map, p, out, data as usize, parity as usize)
+            }
+            _ => {
+                let copies = self.copies(map, p.slab);
+                if copies.is_empty() {
+                    return Err(self.group_lost(map, p.slab, p.off));
+                }
+                let mut last = None;
+                for (i, loc) in copies.iter().enumerate().skip(1) {
+                    let within = if i + 1 < copies.len() {
+                        self.first_try(map, p.slab)
+                    } else {
+                        self.inner.opts.request_timeout
+                    };
+                    let req = Request::Read {
+                        at: at(loc, p.off),
+                        len: p.len as u32,
+                    };
+                    let r = self.send_to(loc, &req, within).and_then(|s| {
+                        recv(s, |r| match r {
+                            Reply::Data(d) if d.len() == out.len() => {
+                                remora_proto::copy::copy(out, d);
+                                Some(())
+                            }
+                            _ => None,
+                        })
+                    });
+                    match r {
+                        Ok(()) => return Ok(()),
+                        Err(a) => last = Some(a),
+                    }
+                }
+                // Only one copy, or all failed: the primary once more, with
+                // the full deadline, before the caller refreshes the map.
+                let loc = copies[0];
+                let req = Request::Read {
+                    at: at(loc, p.off),
+                    len: p.len as u32,
+                };
+                self.send_to(loc, &req, self.inner.opts.request_timeout)
+                    .and_then(|s| {
+                        recv(s, |r| match r {
+                            Reply::Data(d) if d.len() == out.len() => {
+                                remora_proto::copy::copy(out, d);
+                                Some(())
+                            }
+                            _ => None,
+                        })
+                    })
+                    .map_err(|a| last.unwrap_or(a))
+            }
+        }
+    }
+
+    /// Reconstructs a piece of a data slab from the other pieces of its
+    /// stripe.
+    fn degraded_read(
+        &self,
+        map: &RegionMap,
+        p: &Piece,
+        out: &mut [u8],
+        k: usize,
+        m: usize,
+    ) -> Result<(), Attempt> {
+        let stripe = p.slab / k;
+        let _lock = self.stripes[stripe % STRIPE_LOCKS].write();
+        let (a, b) = erasure::align(p.off, p.len as u64, map.slab_size);
+        let group = map.group_of(p.slab);
+        let in_stripe = group.iter().filter(|&&i| i < map.slabs.len()).count();
+        let others: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|&i| i != p.slab && !piece(map, i).lost)
+            .collect();
+        if others.len() < in_stripe {
+            return Err(self.group_lost(map, p.slab, p.off));
+        }
+        let mut shards: Vec<(usize, Vec<u8>)> = Vec::with_capacity(in_stripe);
+        let mut next = 0;
+        let mut last_err = None;
+        // Read `in_stripe` pieces (data first, as group order has them); if
+        // some fail, read more of the rest.
+        while shards.len() < in_stripe && next < others.len() {
+            let want = in_stripe - shards.len();
+            let batch: Vec<usize> = others[next..(next + want).min(others.len())].to_vec();
+            next += batch.len();
+            let mut sent = Vec::new();
+            for &i in &batch {
+                let loc = piece(map, i);
+                let req = Request::Read {
+                    at: at(loc, a),
+                    len: (b - a) as u32,
+                };
+                sent.push((i, self.send_to(loc, &req, self.inner.opts.request_timeout)));
+            }
+            for (i, s) in sent {
+                match s.and_then(|s| {
+                    recv(s, |r| match r {
+                        Reply::Data(d) if d.len() as u64 == b - a => Some(d.to_vec()),
+                        _ => None,
+                    })
+                }) {
+                    Ok(d) => shards.push((i, d)),
+                    Err(e) => last_err = Some(e),
+                }
+            }
+        }
+        if shards.len() < in_stripe {
+            return Err(last_err.unwrap_or_else(|| self.group_lost(map, p.slab, p.off)));
+        }
+        let n = map.slabs.len();
+        let codec = Codec::new(k, m).map_err(|e| unsent(self.codec_error(e)))?;
+        let mut dref: Vec<Option<&[u8]>> = vec![None; k];
+        let mut pref: Vec<Option<&[u8]>> = vec![None; m];
+        for (i, d) in &shards {
+            if *i < n {
+                dref[i % k] = Some(d);
+            } else {
+                pref[(i - n) % m] = Some(d);
+            }
+        }
+        let zeros: Vec<bool> = (0..k).map(|d| d >= in_stripe).collect();
+        let full = codec
+            .reconstruct(&dref, &pref, &zeros)
+            .map_err(|e| unsent(self.codec_error(e)))?;
+        let from = (p.off - a) as usize;
+        remora_proto::copy::copy(out, &full[p.slab % k][from..from + p.len]);
+        Ok(())
+    }
+
+    fn codec_error(&self, e: erasure::CodingError) -> ClientError {
+        ClientError::Protocol {
+            addr: self.inner.controller.clone(),
+            detail: format!("region {}: {e}", self.id),
+        }
+    }
+
+    pub(super) fn redundant_write(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+        match self.redundancy {
+            Redundancy::Erasure { data, parity } => {
+                let plan = {
+                    let map = self.map.read().clone();
+                    self.plan(&map, offset, bytes.len()).map_err(|a| a.err)?
+                };
+                for p in &plan {
+                    self.ec_write(
+                        p,
+                        &bytes[p.buf_off..p.buf_off + p.len],
+                        data as usize,
+                        parity as usize,
+                    )?;
+                }
+                Ok(())
+            }
+            _ => self.settle(|map| {
+                let plan = self.plan(map, offset, bytes.len())?;
+                let mut sent = Vec::new();
+                for p in &plan {
+                    let copies = self.copies(map, p.slab);
+                    if copies.is_empty() {
+                        return Err(self.group_lost(map, p.slab, p.off));
+                    }
+                    for loc in copies {
+                        let req = Request::Write {
+                            at: at(loc, p.off),
+                            data: &bytes[p.buf_off..p.buf_off + p.len],
+                        };
+                        sent.push(self.send_to(loc, &req, self.inner.opts.request_timeout)?);
+                    }
+                }
+                let mut first = None;
+                for s in sent {
+                    if let Err(e) = recv(s, done) {
+                        first.get_or_insert(e);
+                    }
+                }
+                first.map_or(Ok(()), Err)
+            }),
+        }
+    }
+
+    /// Writes one piece of an erasure-coded region (see the module docs).
+    fn ec_write(&self, p: &Piece, bytes: &[u8], k: usize, m: usize) -> Result<()> {
+        let codec = Codec::new(k, m).map_err(|e| self.codec_error(e))?;
+        let stripe = p.slab / k;
+        // Set when the stripe's parity may disagree with its data over this
+        // piece's range: the next try rewrites and re-encodes instead.
+        let mut dirty = false;
+        self.settle(|map| {
+            let loc = &map.slabs[p.slab];
+            if loc.lost {
+                let lost = map
+                    .group_of(p.slab)
+                    .into_iter()
+                    .filter(|&i| piece(map, i).lost)
+                    .count();
+                if lost > m {
+                    return Err(self.group_lost(map, p.slab, p.off));
+                }
+                // Wait for the rebuild of the data slab.
+                return Err(unsent(ClientError::Remote {
+                    addr: loc.addr.clone(),
+                    code: ErrorCode::SlabFrozen,
+                    message: format!("slab {} is being rebuilt", p.slab),
+                }));
+            }
+            let timeout = self.inner.opts.request_timeout;
+            let (a, b) = erasure::align(p.off, p.len as u64, map.slab_size);
+            let parities = &map.extra[stripe * m..(stripe + 1) * m];
+            if dirty {
+                let _lock = self.stripes[stripe % STRIPE_LOCKS].write();
+                let req = Request::Write {
+                    at: at(loc, p.off),
+                    data: bytes,
+                };
+                recv(self.send_to(loc, &req, timeout)?, done)?;
+                self.resync(map, &codec, stripe, a, b)?;
+                dirty = false;
+                return Ok(());
+            }
+            let _lock = self.stripes[stripe % STRIPE_LOCKS].read();
+            let swap = Request::Swap {
+                at: at(loc, p.off),
+                data: bytes,
+            };
+            let s = self.send_to(loc, &swap, timeout)?;
+            let old = match recv(s, |r| match r {
+                Reply::Data(d) if d.len() == bytes.len() => Some(d.to_vec()),
+                _ => None,
+            }) {
+                Ok(o) => o,
+                Err(e) => {
+                    // Refused: nothing happened. Otherwise it may have.
+                    dirty = !refused(&e.err);
+                    return Err(e);
+                }
+            };
+            let mut delta = vec![0u8; (b - a) as usize];
+            let from = (p.off - a) as usize;
+            for (j, (o, n)) in old.iter().zip(bytes).enumerate() {
+                delta[from + j] = o ^ n;
+            }
+            let mut failed = None;
+            if delta.iter().any(|&x| x != 0) {
+                let pd = codec
+                    .parity_delta(p.slab % k, &delta)
+                    .map_err(|e| unsent(self.codec_error(e)))?;
+                let mut sent = Vec::new();
+                for (j, ploc) in parities.iter().enumerate() {
+                    if ploc.lost {
+                        // Recomputed from the data when rebuilt.
+                        continue;
+                    }
+                    let req = Request::Xor {
+                        at: at(ploc, a),
+                        data: &pd[j],
+                    };
+                    match self.send_to(ploc, &req, timeout) {
+                        Ok(s) => sent.push(s),
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+                for s in sent {
+                    if let Err(e) = recv(s, done) {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            // The write is no longer in flight, whatever became of parity:
+            // a failure is repaired below before the write is acknowledged.
+            let commit = Request::Commit { at: at(loc, 0) };
+            let committed = self
+                .send_to(loc, &commit, timeout)
+                .and_then(|s| recv(s, done));
+            if let Some(e) = failed {
+                dirty = true;
+                return Err(e);
+            }
+            committed
+        })
+    }
+
+    /// Recomputes the parity of `[a, b)` of a stripe from its data slabs.
+    fn resync(
+        &self,
+        map: &RegionMap,
+        codec: &Codec,
+        stripe: usize,
+        a: u64,
+        b: u64,
+    ) -> Result<(), Attempt> {
+        let (k, m) = (codec.data(), codec.parity());
+        let n = map.slabs.len();
+        let first = stripe * k;
+        let in_stripe = (n - first).min(k);
+        let timeout = self.inner.opts.request_timeout;
+        let mut sent = Vec::new();
+        for d in 0..in_stripe {
+            let loc = &map.slabs[first + d];
+            if loc.lost {
+                // Parity cannot be recomputed without it: wait for its rebuild.
+                return Err(unsent(ClientError::Remote {
+                    addr: loc.addr.clone(),
+                    code: ErrorCode::SlabFrozen,
+                    message: format!("slab {} is being rebuilt", first + d),
+                }));
+            }
+            let req = Request::Read {
+                at: at(loc, a),
+                len: (b - a) as u32,
+            };
+            sent.push(self.send_to(loc, &req, timeout)?);
+        }
+        let mut data = Vec::with_capacity(in_stripe);
+        for s in sent {
+            data.push(recv(s, |r| match r {
+                Reply::Data(d) if d.len() as u64 == b - a => Some(d.to_vec()),
+                _ => None,
+            })?);
+        }
+        let refs: Vec<Option<&[u8]>> = (0..k).map(|d| data.get(d).map(|v| &v[..])).collect();
+        let parity = codec
+            .encode(&refs)
+            .map_err(|e| unsent(self.codec_error(e)))?;
+        let mut sent = Vec::new();
+        for (j, ploc) in map.extra[stripe * m..(stripe + 1) * m].iter().enumerate() {
+            if ploc.lost {
+                continue;
+            }
+            let req = Request::Write {
+                at: at(ploc, a),
+                data: &parity[j],
+            };
+            sent.push(self.send_to(ploc, &req, timeout)?);
+        }
+        for s in sent {
+            recv(s, done)?;
+        }
+        Ok(())
+    }
+
+    /// An atomic on a replicated region (see the module docs). `apply`
+    /// computes the new value from the old; `make` builds the request for
+    /// the primary.
+    pub(super) fn redundant_atomic(
+        &self,
+        offset: u64,
+        rid: u64,
+        apply: impl Fn(u64) -> u64,
+        make: impl Fn(Target, u64) -> Request<'static>,
+    ) -> Result<u64> {
+        if let Redundancy::Erasure { .. } = self.redundancy {
+            return Err(self.unsupported_atomic());
+        }
+        {
+            let map = self.map.read().clone();
+            self.check_range(&map, offset, 8)?;
+        }
+        if !offset.is_multiple_of(8) {
+            return Err(ClientError::Unaligned {
+                region: self.id,
+                offset,
+            });
+        }
+        let timeout = self.inner.opts.request_timeout;
+        // 1. The primary orders the atomic.
+        let (old, primary_slab) = self.settle(|map| {
+            let slab = (offset / map.slab_size) as usize;
+            let off = offset % map.slab_size;
+            let copies = self.copies(map, slab);
+            let Some(primary) = copies.first() else {
+                return Err(self.group_lost(map, slab, off));
+            };
+            let s = self.send_to(primary, &make(at(primary, off), rid), timeout)?;
+            let v = recv(s, |r| match r {
+                Reply::Value(v) => Some(v),
+                _ => None,
+            })?;
+            Ok((v, primary.slab))
+        })?;
+        let new = apply(old);
+        if new == old {
+            return Ok(old);
+        }
+        // 2. Every other copy goes through the same transition.
+        self.settle(|map| {
+            let slab = (offset / map.slab_size) as usize;
+            let off = offset % map.slab_size;
+            let copies = self.copies(map, slab);
+            for loc in copies {
+                if loc.slab == primary_slab {
+                    continue;
+                }
+                self.follow(loc, off, old, new, primary_slab, map)?;
+            }
+            Ok(old)
+        })
+    }
+
+    /// Moves one backup copy of a word from `old` to `new`, waiting while it
+    /// lags behind the primary and repairing it from the primary if it
+    /// stays behind (a client died between primary and backup).
+    fn follow(
+        &self,
+        loc: &SlabLoc,
+        off: u64,
+        old: u64,
+        new: u64,
+        primary_slab: u64,
+        map: &RegionMap,
+    ) -> Result<(), Attempt> {
+        let timeout = self.inner.opts.request_timeout;
+        let started = Instant::now();
+        let mut wait = Duration::from_micros(20);
+        loop {
+            let rid = self.inner.next_rid();
+            let req = Request::Cas {
+                at: at(loc, off),
+                expected: old,
+                new,
+                rid,
+            };
+            let seen = recv(self.send_to(loc, &req, timeout)?, |r| match r {
+                Reply::Value(v) => Some(v),
+                _ => None,
+            })?;
+            if seen == old {
+                return Ok(());
+            }
+            if started.elapsed() > CONVERGE {
+                // Repair: take the primary's current value.
+                let Some(primary) = map.pieces().find(|l| l.slab == primary_slab) else {
+                    return Ok(());
+                };
+                let now = recv(
+                    self.send_to(
+                        primary,
+                        &Request::Read {
+                            at: at(primary, off),
+                            len: 8,
+                        },
+                        timeout,
+                    )?,
+                    |r| match r {
+                        Reply::Data(d) if d.len() == 8 => {
+                            let mut w = [0u8; 8];
+                            w.copy_from_slice(d);
+                            Some(u64::from_le_bytes(w))
+                        }
+                        _ => None,
+                    },
+                )?;
+                let rid = self.inner.next_rid();
+                let req = Request::Cas {
+                    at: at(loc, off),
+                    expected: seen,
+                    new: now,
+                    rid,
+                };
+                let v = recv(self.send_to(loc, &req, timeout)?, |r| match r {
+                    Reply::Value(v) => Some(v),
+                    _ => None,
+                })?;
+                if v == seen {
+                    tracing::warn!(
+                        "region {}: copy on {} lagged the primary at offset {off}; set to the primary's value",
+                        self.id,
+                        loc.addr
+                    );
+                    return Ok(());
+                }
+                continue;
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_millis(2));
+        }
+    }
+
+    fn unsupported_atomic(&self) -> ClientError {
+        ClientError::Unsupported {
+            region: self.id,
+            what: format!(
+                "atomics are not available on erasure-coded regions ({}); use a replicated region for words that need them",
+                self.redundancy
+            ),
+        }
+    }
+}
