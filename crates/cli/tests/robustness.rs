@@ -431,7 +431,8 @@ fn dead_server_is_detected_and_avoided() {
     // New regions avoid the dead server.
     let r2 = c.alloc_region(4 << 20).unwrap();
     assert!(r2.map().slabs.iter().all(|s| s.addr != victim_addr));
-    // Reading a slab that lived on the dead server fails clearly, never with wrong data.
+    // Reading or writing a slab that lived on the dead server fails clearly
+    // (the region has no redundancy): DataLost, never wrong data.
     let on_dead = r
         .map()
         .slabs
@@ -440,8 +441,23 @@ fn dead_server_is_detected_and_avoided() {
         .unwrap() as u64;
     let mut buf = [0u8; 16];
     let e = r.read(on_dead * r.slab_size(), &mut buf).unwrap_err();
-    assert!(e.is_unavailable(), "{e}");
+    assert_eq!(e.code(), Some(ErrorCode::DataLost), "{e}");
     assert!(e.to_string().contains(&victim_addr), "{e}");
+    let e = r.write(on_dead * r.slab_size() + 8, &[1; 8]).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::DataLost), "{e}");
+    let e = r.fetch_add(on_dead * r.slab_size(), 1).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::DataLost), "{e}");
+    // The rest of the region is intact.
+    let other = r
+        .map()
+        .slabs
+        .iter()
+        .position(|s| s.addr != victim_addr)
+        .unwrap() as u64;
+    r.read(other * r.slab_size(), &mut buf).unwrap();
+    let st = c.status().unwrap();
+    let info = st.regions.iter().find(|i| i.id == r.id()).unwrap();
+    assert!(info.lost > 0, "{info:?}");
 }
 
 #[test]

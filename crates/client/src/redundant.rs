@@ -54,6 +54,11 @@ use crate::{ClientError, Result};
 
 /// How long a replica may lag the primary's atomics before it is repaired.
 pub(crate) const CONVERGE: Duration = Duration::from_millis(500);
+/// Deadline of a parity update. A write holds its stripe's rebuild back
+/// until its parity updates are answered, so a parity server that stopped
+/// answering must not hold it for the whole request timeout; a late update
+/// is repaired by recomputing the range's parity.
+const PARITY_DEADLINE: Duration = Duration::from_secs(1);
 
 /// A request on its way. Dropped before its reply is taken, it is abandoned.
 struct Sent {
@@ -537,7 +542,7 @@ impl Region {
                         at: at(ploc, a),
                         data: &pd[j],
                     };
-                    match self.send_to(ploc, &req, timeout) {
+                    match self.send_to(ploc, &req, timeout.min(PARITY_DEADLINE)) {
                         Ok(s) => sent.push(s),
                         Err(e) => {
                             failed.get_or_insert(e);

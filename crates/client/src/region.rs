@@ -388,7 +388,7 @@ impl Region {
             return self.redundant_atomic(
                 offset,
                 rid,
-                |old| (old == expected).then_some(new).unwrap_or(old),
+                |old| if old == expected { new } else { old },
                 |at, rid| Request::Cas {
                     at,
                     expected,

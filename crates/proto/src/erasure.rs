@@ -229,7 +229,7 @@ mod tests {
     fn short_stripe_counts_missing_slabs_as_zero() {
         let c = Codec::new(4, 2).unwrap();
         let a = vec![7u8; 128];
-        let b = vec![9u8; 128];
+        let b = [9u8; 128];
         let p = c.encode(&[Some(&a[..]), Some(&b[..]), None, None]).unwrap();
         let got = c
             .reconstruct(
@@ -245,7 +245,7 @@ mod tests {
     #[test]
     fn too_few_pieces_is_an_error() {
         let c = Codec::new(2, 1).unwrap();
-        let a = vec![1u8; 64];
+        let a = [1u8; 64];
         assert!(c
             .reconstruct(&[Some(&a[..]), None], &[None], &[false, false])
             .is_err());

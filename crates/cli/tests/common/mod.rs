@@ -31,8 +31,18 @@ impl Drop for Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(exe())
-            .args(args)
+        let mut cmd = Command::new(exe());
+        cmd.args(args);
+        Self::spawn_cmd(&mut cmd)
+    }
+
+    /// Spawns `cmd` (which runs `remora` and announces its address).
+    pub fn spawn_cmd(cmd: &mut Command) -> Proc {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut child = cmd
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
