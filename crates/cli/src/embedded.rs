@@ -95,6 +95,8 @@ pub struct EmbeddedConfig {
     pub inject_latency: Option<String>,
     /// Placement policy.
     pub placement: String,
+    /// More controller flags (e.g. `--dead-after 1s`).
+    pub controller_args: Vec<String>,
 }
 
 /// A running embedded cluster; stops its processes when dropped.
@@ -229,6 +231,8 @@ impl Embedded {
             "--placement".into(),
             cfg.placement.clone(),
         ];
+        let mut ctl_args = ctl_args;
+        ctl_args.extend(cfg.controller_args.iter().cloned());
         me.children.push(spawn("controller", ctl_args)?);
         let ctl = announced_addr("controller", &mut me.children[0].1)?;
         me.info.controller = ctl.clone();
@@ -269,6 +273,19 @@ impl Embedded {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Kills memory server `i` at once (SIGKILL), as a crash would.
+    pub fn kill_server(&mut self, i: usize) -> Result<()> {
+        let name = format!("server {i}");
+        let (_, c) = self
+            .children
+            .iter_mut()
+            .find(|(n, _)| *n == name)
+            .with_context(|| format!("no {name}"))?;
+        c.kill().with_context(|| format!("killing {name}"))?;
+        let _ = c.wait();
+        Ok(())
     }
 
     /// Process ids of the memory servers.

@@ -147,6 +147,9 @@ struct ControllerArgs {
     /// How often servers heartbeat (e.g. 200ms).
     #[arg(long, value_parser = duration_arg)]
     heartbeat_interval: Option<Duration>,
+    /// Bytes per second a rebuild of lost slabs may move (e.g. 256MiB).
+    #[arg(long, value_parser = size_arg)]
+    rebuild_rate: Option<u64>,
     /// Add an unlimited admin tenant "default" with this token.
     #[arg(long, env = "REMORA_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -210,6 +213,22 @@ enum BenchCmd {
         /// Slab sizes to compare.
         #[arg(long, value_delimiter = ',', default_value = "64KiB,256KiB,1MiB,4MiB,16MiB", value_parser = size_arg)]
         sizes: Vec<u64>,
+    },
+    /// Replication vs erasure coding vs none: latency, throughput, memory,
+    /// reads through a server's death and rebuild (8 servers, kills two).
+    Redundancy {
+        /// Bytes per region.
+        #[arg(long, default_value = "128MiB", value_parser = size_arg)]
+        region: u64,
+        /// Operations per latency figure.
+        #[arg(long, default_value_t = 3000)]
+        ops: usize,
+        /// Bytes per random read or write.
+        #[arg(long, default_value = "4KiB", value_parser = size_arg)]
+        io: u64,
+        /// Rebuild rate limit of the controller.
+        #[arg(long, default_value = "256MiB", value_parser = size_arg)]
+        rebuild_rate: u64,
     },
     /// The raw TCP baseline server of `bench micro` (started by it).
     #[command(hide = true)]
@@ -279,6 +298,12 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Region(c) => region_cmd::run(c),
         Cmd::Bench(BenchCmd::Micro(a)) => micro(a),
         Cmd::Bench(BenchCmd::Slabs { sizes }) => slabs(sizes),
+        Cmd::Bench(BenchCmd::Redundancy {
+            region,
+            ops,
+            io,
+            rebuild_rate,
+        }) => redundancy(region, ops, io, rebuild_rate),
         Cmd::Bench(BenchCmd::RawServer { inject_latency }) => {
             let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding the raw server")?;
             announce("raw-server", &l.local_addr()?.to_string());
@@ -343,6 +368,9 @@ fn controller(a: ControllerArgs) -> Result<()> {
     if let Some(v) = a.heartbeat_interval {
         cfg.heartbeat_interval = v;
     }
+    if let Some(v) = a.rebuild_rate {
+        cfg.rebuild_rate = v;
+    }
     if let Some(v) = a.cluster_secret {
         cfg.cluster_secret = Some(v);
     }
@@ -380,6 +408,7 @@ fn up(a: UpArgs) -> Result<()> {
         data_dir: a.data_dir,
         inject_latency: a.inject_latency.map(|d| format!("{}ns", d.as_nanos())),
         placement: a.placement,
+        controller_args: Vec::new(),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc::set_handler(move || {
@@ -535,6 +564,7 @@ fn micro(a: MicroArgs) -> Result<()> {
         data_dir: None,
         inject_latency: a.inject_latency.map(|d| format!("{}ns", d.as_nanos())),
         placement: "p2c".into(),
+        controller_args: Vec::new(),
     };
     eprintln!("starting an embedded cluster (1 server) ...");
     let cl = Embedded::start(&cfg)?;
@@ -565,6 +595,45 @@ fn micro(a: MicroArgs) -> Result<()> {
     Ok(())
 }
 
+fn redundancy(region: u64, ops: usize, io: u64, rebuild_rate: u64) -> Result<()> {
+    if io == 0 || io > region {
+        bail!("--io must be between 1 byte and the region size");
+    }
+    let cfg = EmbeddedConfig {
+        servers: 8,
+        capacity_per_server: (region * 2).max(64 << 20),
+        controller_listen: "127.0.0.1:0".into(),
+        slab_size: 1 << 20,
+        data_dir: None,
+        inject_latency: None,
+        placement: "p2c".into(),
+        controller_args: vec!["--rebuild-rate".into(), rebuild_rate.to_string()],
+    };
+    eprintln!("starting an embedded cluster (8 servers) ...");
+    let mut cl = Embedded::start(&cfg)?;
+    let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
+    let servers = cl.servers.clone();
+    let mut kill = |addr: &str| -> Result<()> {
+        let i = servers
+            .iter()
+            .position(|s| s == addr)
+            .with_context(|| format!("{addr} is not a server of this cluster"))?;
+        cl.kill_server(i)
+    };
+    let report = remora_bench::redundancy::run(
+        &cluster,
+        &remora_bench::redundancy::Options {
+            region,
+            ops: ops.max(10),
+            io: io as usize,
+        },
+        rebuild_rate,
+        &mut kill,
+    )?;
+    outln!("{report}");
+    Ok(())
+}
+
 fn slabs(sizes: Vec<u64>) -> Result<()> {
     outln!("Slab size comparison: 3 servers x 1 GiB on loopback, one cluster per size");
     outln!(
@@ -584,6 +653,7 @@ fn slabs(sizes: Vec<u64>) -> Result<()> {
             data_dir: None,
             inject_latency: None,
             placement: "p2c".into(),
+            controller_args: Vec::new(),
         };
         let cl = Embedded::start(&cfg)?;
         let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;

@@ -428,12 +428,19 @@ impl Region {
                 }
             }
             let parts = self.start_atomic(map, offset, &make)?;
-            if let Some(loc) = map.slabs.get(slab) {
-                tried.set(Some(loc.slab));
-            }
             let mut v = 0;
-            wait_all(parts, |p, k, d| value(p, k, d, &mut v))?;
-            Ok(v)
+            match wait_all(parts, |p, k, d| value(p, k, d, &mut v)) {
+                Ok(()) => Ok(v),
+                Err(a) => {
+                    // No reply: the server may have applied it.
+                    if a.err.is_unavailable() {
+                        if let Some(loc) = map.slabs.get(slab) {
+                            tried.set(Some(loc.slab));
+                        }
+                    }
+                    Err(a)
+                }
+            }
         })
     }
 

@@ -138,6 +138,8 @@ struct Inner {
     /// Lost slabs to rebuild: (region, piece index).
     rebuild_queue: Mutex<VecDeque<(u64, usize)>>,
     rebuild_cv: Condvar,
+    /// Slabs rebuilt, and bytes read and written doing it.
+    rebuilt: Mutex<(u64, u64)>,
 }
 
 /// A running controller.
@@ -237,6 +239,7 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         admin_conns: Mutex::new(HashMap::new()),
         rebuild_queue: Mutex::new(lost),
         rebuild_cv: Condvar::new(),
+        rebuilt: Mutex::new((0, 0)),
     });
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -682,6 +685,7 @@ impl Inner {
     }
 
     fn status(&self, tenant: &str) -> ClusterStatus {
+        let (rebuilt_slabs, rebuilt_bytes) = *self.rebuilt.lock();
         let st = self.state.lock();
         let admin = st.tenants.get(tenant).is_some_and(|t| t.t.admin);
         ClusterStatus {
@@ -717,6 +721,8 @@ impl Inner {
                 .filter(|r| admin || r.tenant == tenant)
                 .map(region_info)
                 .collect(),
+            rebuilt_slabs,
+            rebuilt_bytes,
         }
     }
 

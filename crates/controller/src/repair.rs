@@ -405,6 +405,11 @@ impl Inner {
                 warn!("thawing slab {} on {}: {code}: {msg}", l.slab, l.addr);
             }
         }
+        {
+            let mut c = self.rebuilt.lock();
+            c.0 += 1;
+            c.1 += moved;
+        }
         info!(
             "rebuilt slab {index} of region {region} ({}) on {}: {} read and written in {:?}",
             map.redundancy,

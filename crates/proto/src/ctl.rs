@@ -405,6 +405,10 @@ pub struct ClusterStatus {
     pub tenants: Vec<TenantInfo>,
     /// The caller's regions.
     pub regions: Vec<RegionInfo>,
+    /// Lost slabs rebuilt since the controller started.
+    pub rebuilt_slabs: u64,
+    /// Bytes the rebuilds read and wrote since the controller started.
+    pub rebuilt_bytes: u64,
 }
 
 /// Appends a control frame of `kind` carrying `msg`.
