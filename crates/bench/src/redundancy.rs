@@ -241,13 +241,20 @@ fn through_failure(
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let (declared, whole) = watcher.join().map_err(|_| anyhow::anyhow!("watcher panicked"))?;
+    let (declared, whole) = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("watcher panicked"))?;
     let after = c.status()?;
     let rebuild = match (declared, whole) {
         (Some(d), Some(w)) => w - d,
         _ => Duration::ZERO,
     };
-    let mut ph = [(healthy.0, healthy.1, o.ops), (0.0, 0.0, 0), (0.0, 0.0, 0), (0.0, 0.0, 0)];
+    let mut ph = [
+        (healthy.0, healthy.1, o.ops),
+        (0.0, 0.0, 0),
+        (0.0, 0.0, 0),
+        (0.0, 0.0, 0),
+    ];
     for (i, v) in lat.iter_mut().enumerate() {
         ph[i + 1] = (pct(v, 0.5), pct(v, 0.99), v.len());
     }
