@@ -100,6 +100,87 @@ fn region_commands_stream_files_in_and_out() {
 }
 
 #[test]
+fn redundant_regions_from_the_command_line() {
+    let tc = TestCluster::start(Opts::default());
+    let out = run_ok(tc.remora(&[
+        "region",
+        "create",
+        "coded",
+        "--size",
+        "200KiB",
+        "--redundancy",
+        "erasure:2+1",
+    ]));
+    assert!(
+        out.contains("erasure:2+1") && out.contains("6 slabs"),
+        "{out}"
+    );
+    run_ok(tc.remora(&[
+        "region",
+        "create",
+        "copies",
+        "--size",
+        "100KiB",
+        "--redundancy",
+        "replicate:3",
+    ]));
+    let data = Rng(5).bytes(150_000);
+    let file = tc.dir.path().join("in.bin");
+    std::fs::write(&file, &data).unwrap();
+    for name in ["coded", "copies"] {
+        let mut w = tc.remora(&["region", "write", name, "--offset", "100"]);
+        w.stdin(std::fs::File::open(&file).unwrap());
+        if name == "copies" {
+            // 100 KiB region: the input does not fit.
+            let e = run_err(w);
+            assert!(e.contains("does not fit"), "{e}");
+            continue;
+        }
+        run_ok(w);
+        let out = tc
+            .remora(&["region", "read", name, "--offset", "100", "--len", "150000"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert!(out.stdout == data, "read back differs");
+    }
+    let show = run_ok(tc.remora(&["region", "show", "coded"]));
+    assert!(
+        show.contains("parity:0") && show.contains("parity:1") && show.contains("data"),
+        "{show}"
+    );
+    let show = run_ok(tc.remora(&["region", "show", "copies"]));
+    assert!(show.contains("copy:1"), "{show}");
+    let list = run_ok(tc.remora(&["region", "list"]));
+    assert!(
+        list.contains("replicate:3") && list.contains("erasure:2+1"),
+        "{list}"
+    );
+    let e = run_err(tc.remora(&[
+        "region",
+        "create",
+        "x",
+        "--size",
+        "1MiB",
+        "--redundancy",
+        "raid5",
+    ]));
+    assert!(e.contains("invalid redundancy"), "{e}");
+    let e = run_err(tc.remora(&[
+        "region",
+        "create",
+        "x",
+        "--size",
+        "1MiB",
+        "--redundancy",
+        "erasure:4+2",
+    ]));
+    assert!(e.contains("distinct servers"), "{e}");
+    let e = run_err(tc.remora(&["region", "move", "coded", "--slab", "0"]));
+    assert!(e.contains("erasure-coded"), "{e}");
+}
+
+#[test]
 fn commands_without_a_cluster_say_how_to_get_one() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(common::exe())
