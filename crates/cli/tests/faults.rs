@@ -207,10 +207,19 @@ fn verify(c: &Cluster, id: u64, shadow: &[u8], counter: Option<u64>) {
     let region = open_by_id(c, &r.name.unwrap());
     let mut got = vec![0u8; REGION as usize - 4096];
     region.read(0, &mut got).unwrap();
-    let first_bad = got.iter().zip(shadow).position(|(a, b)| a != b);
+    let bad: Vec<usize> = got
+        .iter()
+        .zip(shadow)
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
     assert!(
-        first_bad.is_none(),
-        "region differs at offset {first_bad:?}"
+        bad.is_empty(),
+        "region differs in {} bytes, from offset {:?} to {:?}",
+        bad.len(),
+        bad.first(),
+        bad.last()
     );
     if let Some(n) = counter {
         let mut w = [0u8; 8];

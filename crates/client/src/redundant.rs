@@ -20,19 +20,29 @@
 //! **Erasure(k, m).** Data slab `i` belongs to stripe `i / k`; the stripe's
 //! m parity slabs hold Reed–Solomon parity (see `remora_proto::erasure`).
 //! * Reads go to the data slab; one whose server is lost, failing or slow
-//!   is reconstructed from k other pieces of the stripe (64-byte aligned).
+//!   is reconstructed from the other pieces of the stripe (64-byte
+//!   aligned). When a piece beyond the k needed is available it is read
+//!   too and checked against the decode: a stripe caught between a write's
+//!   data swap and its parity update disagrees, and the read is retried.
 //! * A write swaps the new bytes into the data slab (the server returns the
 //!   old ones and counts the write as in flight), XORs the parity delta of
-//!   the change into every live parity slab, then commits on the data slab.
-//!   Deltas commute, so concurrent writes to different slabs of a stripe
-//!   need no lock. A rebuild freezes the stripe and waits for writes in
-//!   flight to commit before it reads it. If a parity update fails or the
-//!   swap's outcome is unknown, the client rewrites the data and recomputes
-//!   the range's parity from the data slabs before acknowledging.
-//! * Within one client, reconstructions and parity repairs of a stripe take
-//!   its lock exclusively and writes take it shared, so a client never
-//!   decodes a stripe it is half-way through updating. A reconstruction
-//!   racing another client's write to the same stripe may decode a mix.
+//!   the change into every live parity slab (each XOR with a request id, so
+//!   a resend applies once), then commits on the data slab. Deltas commute,
+//!   so concurrent writes to different slabs of a stripe need no lock. A
+//!   rebuild freezes the stripe and waits for writes in flight to commit
+//!   before it reads it; a write commits only once every parity update is
+//!   answered (or its parity slab was lost, to be recomputed from the data).
+//! * A swap whose outcome is unknown (no reply) is settled by the data slab
+//!   itself if its server dies (the slab is rebuilt from parity, which never
+//!   saw the swap's delta); on a live server the range is repaired: the new
+//!   bytes are swapped in again and the range's parity recomputed from all
+//!   data slabs, as one write in flight.
+//! * Within one client, reconstructions and repairs of a stripe take its
+//!   lock exclusively and writes take it shared. Limits: a repair that
+//!   races another client's write to the same range of the stripe can lose
+//!   that write's parity delta; a client that dies between swap and parity
+//!   update leaves the range's parity stale (the classic write hole), which
+//!   a later loss of another slab of that stripe would decode wrongly.
 //! * Atomics are refused ([`ClientError::Unsupported`]): use a replicated
 //!   region for words that need them.
 //!
@@ -59,6 +69,22 @@ pub(crate) const CONVERGE: Duration = Duration::from_millis(500);
 /// answering must not hold it for the whole request timeout; a late update
 /// is repaired by recomputing the range's parity.
 const PARITY_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Where an erasure-coded write stands between tries.
+#[derive(Debug, Clone)]
+enum Stage {
+    /// Nothing applied yet (or the stripe is consistent again).
+    Fresh,
+    /// The swap on data slab `slab` may or may not have been applied.
+    Unknown { slab: u64 },
+    /// The swap on data slab `data_slab` was applied; these parity updates
+    /// (parity index, request id, parity slab id, delta) are not yet
+    /// known to be.
+    Parity {
+        data_slab: u64,
+        rids: Vec<(usize, u64, u64, Vec<u8>)>,
+    },
+}
 
 /// A request on its way. Dropped before its reply is taken, it is abandoned.
 struct Sent {
@@ -360,16 +386,34 @@ impl Region {
             .filter(|&i| i != p.slab && !piece(map, i).lost)
             .collect();
         if others.len() < in_stripe {
-            return Err(self.group_lost(map, p.slab, p.off));
+            let lost = group.iter().filter(|&&i| piece(map, i).lost).count();
+            if lost > m {
+                return Err(self.group_lost(map, p.slab, p.off));
+            }
+            // The slab itself is there but did not answer (frozen for a
+            // rebuild, slow): too few others to decode, so wait for it.
+            return Err(unsent(ClientError::Remote {
+                addr: map.slabs[p.slab].addr.clone(),
+                code: ErrorCode::SlabFrozen,
+                message: format!(
+                    "slab {} did not answer and its stripe has {} of {in_stripe} other pieces",
+                    p.slab,
+                    others.len()
+                ),
+            }));
         }
-        let mut shards: Vec<(usize, Vec<u8>)> = Vec::with_capacity(in_stripe);
+        // One piece more than decoding needs, when there is one, to check
+        // the decode: a stripe caught between another client's data swap
+        // and its parity update decodes to bytes nobody wrote.
+        let want = (in_stripe + 1).min(others.len());
+        let mut shards: Vec<(usize, Vec<u8>)> = Vec::with_capacity(want);
         let mut next = 0;
         let mut last_err = None;
-        // Read `in_stripe` pieces (data first, as group order has them); if
-        // some fail, read more of the rest.
-        while shards.len() < in_stripe && next < others.len() {
-            let want = in_stripe - shards.len();
-            let batch: Vec<usize> = others[next..(next + want).min(others.len())].to_vec();
+        // Data pieces first (group order has them first); if some fail,
+        // read more of the rest.
+        while shards.len() < want && next < others.len() {
+            let need = want - shards.len();
+            let batch: Vec<usize> = others[next..(next + need).min(others.len())].to_vec();
             next += batch.len();
             let mut sent = Vec::new();
             for &i in &batch {
@@ -399,7 +443,7 @@ impl Region {
         let codec = Codec::new(k, m).map_err(|e| unsent(self.codec_error(e)))?;
         let mut dref: Vec<Option<&[u8]>> = vec![None; k];
         let mut pref: Vec<Option<&[u8]>> = vec![None; m];
-        for (i, d) in &shards {
+        for (i, d) in &shards[..in_stripe] {
             if *i < n {
                 dref[i % k] = Some(d);
             } else {
@@ -410,6 +454,32 @@ impl Region {
         let full = codec
             .reconstruct(&dref, &pref, &zeros)
             .map_err(|e| unsent(self.codec_error(e)))?;
+        if let Some((i, extra)) = shards.get(in_stripe) {
+            let expected = if *i < n {
+                full[i % k].clone()
+            } else {
+                let refs: Vec<Option<&[u8]>> = full
+                    .iter()
+                    .enumerate()
+                    .map(|(d, s)| (!zeros[d]).then_some(&s[..]))
+                    .collect();
+                let mut ps = codec
+                    .encode(&refs)
+                    .map_err(|e| unsent(self.codec_error(e)))?;
+                ps.swap_remove((i - n) % m)
+            };
+            if expected != *extra {
+                // A write is half-way through the stripe: try again.
+                return Err(unsent(ClientError::Remote {
+                    addr: piece(map, *i).addr.clone(),
+                    code: ErrorCode::SlabFrozen,
+                    message: format!(
+                        "stripe {stripe} of region {} is being written; its pieces disagree",
+                        self.id
+                    ),
+                }));
+            }
+        }
         let from = (p.off - a) as usize;
         remora_proto::copy::copy(out, &full[p.slab % k][from..from + p.len]);
         Ok(())
@@ -424,18 +494,13 @@ impl Region {
 
     pub(super) fn redundant_write(&self, offset: u64, bytes: &[u8]) -> Result<()> {
         match self.redundancy {
-            Redundancy::Erasure { data, parity } => {
+            Redundancy::Erasure { .. } => {
                 let plan = {
                     let map = self.map.read().clone();
                     self.plan(&map, offset, bytes.len()).map_err(|a| a.err)?
                 };
                 for p in &plan {
-                    self.ec_write(
-                        p,
-                        &bytes[p.buf_off..p.buf_off + p.len],
-                        data as usize,
-                        parity as usize,
-                    )?;
+                    self.ec_write(p, &bytes[p.buf_off..p.buf_off + p.len])?;
                 }
                 Ok(())
             }
@@ -467,14 +532,21 @@ impl Region {
     }
 
     /// Writes one piece of an erasure-coded region (see the module docs).
-    fn ec_write(&self, p: &Piece, bytes: &[u8], k: usize, m: usize) -> Result<()> {
-        let codec = Codec::new(k, m).map_err(|e| self.codec_error(e))?;
-        let stripe = p.slab / k;
-        // Set when the stripe's parity may disagree with its data over this
-        // piece's range: the next try rewrites and re-encodes instead.
-        let mut dirty = false;
+    fn ec_write(&self, p: &Piece, bytes: &[u8]) -> Result<()> {
+        let mut stage = Stage::Fresh;
         self.settle(|map| {
+            let Redundancy::Erasure { data, parity } = map.redundancy else {
+                return Err(unsent(ClientError::Protocol {
+                    addr: self.inner.controller.clone(),
+                    detail: format!("region {} is no longer erasure-coded", self.id),
+                }));
+            };
+            let (k, m) = (data as usize, parity as usize);
+            let codec = Codec::new(k, m).map_err(|e| unsent(self.codec_error(e)))?;
+            let stripe = p.slab / k;
             let loc = &map.slabs[p.slab];
+            let (a, b) = erasure::align(p.off, p.len as u64, map.slab_size);
+            let timeout = self.inner.opts.request_timeout;
             if loc.lost {
                 let lost = map
                     .group_of(p.slab)
@@ -484,26 +556,57 @@ impl Region {
                 if lost > m {
                     return Err(self.group_lost(map, p.slab, p.off));
                 }
-                // Wait for the rebuild of the data slab.
-                return Err(unsent(ClientError::Remote {
-                    addr: loc.addr.clone(),
-                    code: ErrorCode::SlabFrozen,
-                    message: format!("slab {} is being rebuilt", p.slab),
-                }));
+                return Err(self.rebuilding(loc, p.slab));
             }
-            let timeout = self.inner.opts.request_timeout;
-            let (a, b) = erasure::align(p.off, p.len as u64, map.slab_size);
-            let parities = &map.extra[stripe * m..(stripe + 1) * m];
-            if dirty {
-                let _lock = self.stripes[stripe % STRIPE_LOCKS].write();
-                let req = Request::Write {
-                    at: at(loc, p.off),
-                    data: bytes,
-                };
-                recv(self.send_to(loc, &req, timeout)?, done)?;
-                self.resync(map, &codec, stripe, a, b)?;
-                dirty = false;
-                return Ok(());
+            match std::mem::replace(&mut stage, Stage::Fresh) {
+                Stage::Fresh => {}
+                Stage::Unknown { slab } if slab != loc.slab => {
+                    // The data slab was lost and rebuilt from parity since:
+                    // the stripe is consistent again, without this write.
+                }
+                Stage::Unknown { slab } => {
+                    stage = Stage::Unknown { slab };
+                    return self.repair(map, &codec, stripe, loc, p, bytes, (a, b));
+                }
+                Stage::Parity { data_slab, rids } => {
+                    // The data is in; finish the parity updates that failed,
+                    // with their request ids, so each applies once.
+                    stage = Stage::Parity {
+                        data_slab,
+                        rids: rids.clone(),
+                    };
+                    let mut sent = Vec::new();
+                    let mut failed = None;
+                    for (j, rid, slab, delta) in &rids {
+                        let ploc = &map.extra[stripe * m + j];
+                        if ploc.lost || ploc.slab != *slab {
+                            // Rebuilt from the data, which has this write.
+                            continue;
+                        }
+                        let req = Request::Xor {
+                            at: at(ploc, a),
+                            rid: *rid,
+                            data: delta,
+                        };
+                        match self.send_to(ploc, &req, timeout.min(PARITY_DEADLINE)) {
+                            Ok(s) => sent.push(s),
+                            Err(e) => {
+                                failed.get_or_insert(e);
+                            }
+                        }
+                    }
+                    for s in sent {
+                        if let Err(e) = recv(s, done) {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                    stage = Stage::Fresh;
+                    self.commit(map, data_slab, p.slab);
+                    return Ok(());
+                }
             }
             let _lock = self.stripes[stripe % STRIPE_LOCKS].read();
             let swap = Request::Swap {
@@ -518,7 +621,9 @@ impl Region {
                 Ok(o) => o,
                 Err(e) => {
                     // Refused: nothing happened. Otherwise it may have.
-                    dirty = !refused(&e.err);
+                    if !refused(&e.err) {
+                        stage = Stage::Unknown { slab: loc.slab };
+                    }
                     return Err(e);
                 }
             };
@@ -527,46 +632,113 @@ impl Region {
             for (j, (o, n)) in old.iter().zip(bytes).enumerate() {
                 delta[from + j] = o ^ n;
             }
+            if delta.iter().all(|&x| x == 0) {
+                self.commit(map, loc.slab, p.slab);
+                return Ok(());
+            }
+            let pd = codec
+                .parity_delta(p.slab % k, &delta)
+                .map_err(|e| unsent(self.codec_error(e)))?;
+            let mut sent = Vec::new();
+            let mut rids = Vec::new();
             let mut failed = None;
-            if delta.iter().any(|&x| x != 0) {
-                let pd = codec
-                    .parity_delta(p.slab % k, &delta)
-                    .map_err(|e| unsent(self.codec_error(e)))?;
-                let mut sent = Vec::new();
-                for (j, ploc) in parities.iter().enumerate() {
-                    if ploc.lost {
-                        // Recomputed from the data when rebuilt.
-                        continue;
-                    }
-                    let req = Request::Xor {
-                        at: at(ploc, a),
-                        data: &pd[j],
-                    };
-                    match self.send_to(ploc, &req, timeout.min(PARITY_DEADLINE)) {
-                        Ok(s) => sent.push(s),
-                        Err(e) => {
-                            failed.get_or_insert(e);
-                        }
-                    }
+            for (j, (ploc, delta)) in map.extra[stripe * m..(stripe + 1) * m]
+                .iter()
+                .zip(pd)
+                .enumerate()
+            {
+                if ploc.lost {
+                    // Recomputed from the data when rebuilt.
+                    continue;
                 }
-                for s in sent {
-                    if let Err(e) = recv(s, done) {
+                let rid = self.inner.next_rid();
+                let req = Request::Xor {
+                    at: at(ploc, a),
+                    rid,
+                    data: &delta,
+                };
+                match self.send_to(ploc, &req, timeout.min(PARITY_DEADLINE)) {
+                    Ok(s) => sent.push((s, (j, rid, ploc.slab, delta))),
+                    Err(e) => {
                         failed.get_or_insert(e);
+                        rids.push((j, rid, ploc.slab, delta));
                     }
                 }
             }
-            // The write is no longer in flight, whatever became of parity:
-            // a failure is repaired below before the write is acknowledged.
-            let commit = Request::Commit { at: at(loc, 0) };
-            let committed = self
-                .send_to(loc, &commit, timeout)
-                .and_then(|s| recv(s, done));
+            for (s, pending) in sent {
+                if let Err(e) = recv(s, done) {
+                    failed.get_or_insert(e);
+                    rids.push(pending);
+                }
+            }
             if let Some(e) = failed {
-                dirty = true;
+                // Not committed yet: a rebuild of this stripe waits for the
+                // retries, so it never reads parity missing this delta.
+                stage = Stage::Parity {
+                    data_slab: loc.slab,
+                    rids,
+                };
                 return Err(e);
             }
-            committed
+            self.commit(map, loc.slab, p.slab);
+            Ok(())
         })
+    }
+
+    fn rebuilding(&self, loc: &SlabLoc, slab: usize) -> Attempt {
+        unsent(ClientError::Remote {
+            addr: loc.addr.clone(),
+            code: ErrorCode::SlabFrozen,
+            message: format!("slab {slab} of region {} is being rebuilt", self.id),
+        })
+    }
+
+    /// Ends a write on data slab `slab_id` (index `slab`): it is no longer in
+    /// flight. Nobody waits for the reply: the parity updates were
+    /// answered already, and a commit lost with its connection only makes a
+    /// later rebuild of the stripe wait for its drain timeout.
+    fn commit(&self, map: &RegionMap, slab_id: u64, slab: usize) {
+        let loc = &map.slabs[slab];
+        if loc.slab == slab_id {
+            let commit = Request::Commit { at: at(loc, 0) };
+            drop(self.send_to(loc, &commit, self.inner.opts.request_timeout));
+        }
+    }
+
+    /// Repairs a range whose write had an unknown outcome on a live data
+    /// slab: puts the new bytes in and recomputes the range's parity from
+    /// the stripe's data slabs, as one write in flight (a rebuild of the
+    /// stripe waits for it). Needs every data slab of the stripe.
+    #[allow(clippy::too_many_arguments)]
+    fn repair(
+        &self,
+        map: &RegionMap,
+        codec: &Codec,
+        stripe: usize,
+        loc: &SlabLoc,
+        p: &Piece,
+        bytes: &[u8],
+        (a, b): (u64, u64),
+    ) -> Result<(), Attempt> {
+        let k = codec.data();
+        let first = stripe * k;
+        for i in first..(first + k).min(map.slabs.len()) {
+            if map.slabs[i].lost {
+                return Err(self.rebuilding(&map.slabs[i], i));
+            }
+        }
+        let _lock = self.stripes[stripe % STRIPE_LOCKS].write();
+        let swap = Request::Swap {
+            at: at(loc, p.off),
+            data: bytes,
+        };
+        recv(
+            self.send_to(loc, &swap, self.inner.opts.request_timeout)?,
+            |r| matches!(r, Reply::Data(_)).then_some(()),
+        )?;
+        let r = self.resync(map, codec, stripe, a, b);
+        self.commit(map, loc.slab, p.slab);
+        r
     }
 
     /// Recomputes the parity of `[a, b)` of a stripe from its data slabs.

@@ -140,6 +140,9 @@ pub enum Request<'a> {
     Xor {
         /// Location.
         at: Target,
+        /// Request id (0: none), as for [`Request::Cas`]: a resent XOR
+        /// with the same session and id is applied once.
+        rid: u64,
         /// Bytes to XOR in.
         data: &'a [u8],
     },
@@ -363,7 +366,12 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
         }
         op::XOR => {
             let at = c.target()?;
-            return Ok(Request::Xor { at, data: c.rest() });
+            let rid = c.u64()?;
+            return Ok(Request::Xor {
+                at,
+                rid,
+                data: c.rest(),
+            });
         }
         op::COMMIT => Request::Commit { at: c.target()? },
         op::BATCH => {
@@ -462,9 +470,10 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             put_target(out, at);
             crate::copy::extend(out, data);
         }
-        Request::Xor { at, data } => {
-            put_header(out, id, op::XOR, 24 + data.len());
+        Request::Xor { at, rid, data } => {
+            put_header(out, id, op::XOR, 32 + data.len());
             put_target(out, at);
+            out.extend_from_slice(&rid.to_le_bytes());
             crate::copy::extend(out, data);
         }
         Request::Commit { at } => {
@@ -1010,7 +1019,7 @@ mod tests {
                 Request::Read { at, len },
                 Request::Write { at, data: &data },
                 Request::Swap { at, data: &data },
-                Request::Xor { at, data: &data },
+                Request::Xor { at, rid: b, data: &data },
                 Request::Commit { at },
                 Request::Cas { at, expected: a, new: b, rid: a ^ 1 },
                 Request::Faa { at, delta: a, rid: b },

@@ -684,10 +684,12 @@ fn handle(
                 put_error(out, id, code, &describe(code, &at));
             }
         }
-        Request::Xor { at, data } => match pool.xor(&at, data) {
-            Ok(()) => data::encode_reply(out, id, &Reply::Done),
-            Err(code) => put_error(out, id, code, &describe(code, &at)),
-        },
+        Request::Xor { at, rid, data } => {
+            match once(shared, st.session, rid, || pool.xor(&at, data).map(|()| 0)) {
+                Ok(_) => data::encode_reply(out, id, &Reply::Done),
+                Err(code) => put_error(out, id, code, &describe(code, &at)),
+            }
+        }
         Request::Commit { at } => match pool.commit(&at) {
             Ok(()) => data::encode_reply(out, id, &Reply::Done),
             Err(code) => put_error(out, id, code, &describe(code, &at)),

@@ -42,8 +42,9 @@ impl Proc {
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
+        let log = std::env::var("REMORA_TEST_LOG").unwrap_or_else(|_| "warn".into());
         let mut child = cmd
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
