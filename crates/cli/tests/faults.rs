@@ -561,3 +561,37 @@ fn a_server_cut_off_the_network_is_replaced_and_wiped_on_return() {
     let st = c.server_stats(&ns_server.addr).unwrap();
     assert_eq!(st.slabs_used, 0, "the returning server kept its slabs");
 }
+
+#[test]
+fn a_server_that_dies_while_the_controller_is_down_is_declared_dead_and_rebuilt() {
+    let mut tc = TestCluster::start(Opts {
+        servers: 4,
+        ..Opts::default()
+    });
+    let c = Cluster::connect_with(&tc.controller_addr, common::TOKEN, opts()).unwrap();
+    let r = c
+        .alloc_with(REGION, Some("gone"), Redundancy::Replicate(2))
+        .unwrap();
+    let data = Rng(77).bytes(REGION as usize);
+    r.write(0, &data).unwrap();
+    let victim = victim(&tc, &r, &[]);
+    tc.kill_controller();
+    tc.servers[victim].signal("-KILL");
+    tc.start_controller();
+    // It never registers with the new controller; the maps still name it.
+    let probe = tc.client();
+    wait(
+        "the silent server to be declared dead and rebuilt",
+        30,
+        || {
+            probe
+                .status()
+                .is_ok_and(|s| s.rebuilt_slabs > 0 && s.regions.iter().all(|r| r.lost == 0))
+        },
+    );
+    let mut got = vec![0u8; REGION as usize];
+    r.read(0, &mut got).unwrap();
+    assert!(got == data, "read back differs");
+    r.refresh().unwrap();
+    assert!(!r.map().pieces().any(|l| l.addr == tc.servers[victim].addr));
+}

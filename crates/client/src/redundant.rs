@@ -825,17 +825,47 @@ impl Region {
         }
         let timeout = self.inner.opts.request_timeout;
         // 1. The primary orders the atomic.
+        // An attempt without a reply may have been applied: a resend with
+        // the same request id to the same slab is applied once, and one to
+        // a former backup (the primary died) finds a copy that never saw it;
+        // but a primary at the same place with another slab (moved) may
+        // hold a copy of it, so that outcome is reported unknown.
+        let mut unknown: Option<(usize, u64)> = None;
         let (old, primary_slab) = self.settle(|map| {
             let slab = (offset / map.slab_size) as usize;
             let off = offset % map.slab_size;
-            let copies = self.copies(map, slab);
-            let Some(primary) = copies.first() else {
+            let Some(index) = map
+                .group_of(slab)
+                .into_iter()
+                .find(|&i| !piece(map, i).lost)
+            else {
                 return Err(self.group_lost(map, slab, off));
             };
+            let primary = piece(map, index);
+            if let Some((i, s)) = unknown {
+                if i == index && s != primary.slab {
+                    return Err(Attempt {
+                        err: ClientError::Remote {
+                            addr: primary.addr.clone(),
+                            code: ErrorCode::ServerUnavailable,
+                            message: format!(
+                                "region {}: the outcome of an atomic at offset {offset} is unknown: its slab moved while the reply was lost",
+                                self.id
+                            ),
+                        },
+                        sent: true,
+                    });
+                }
+            }
             let s = self.send_to(primary, &make(at(primary, off), rid), timeout)?;
             let v = recv(s, |r| match r {
                 Reply::Value(v) => Some(v),
                 _ => None,
+            })
+            .inspect_err(|a| {
+                if a.err.is_unavailable() {
+                    unknown = Some((index, primary.slab));
+                }
             })?;
             Ok((v, primary.slab))
         })?;
@@ -874,12 +904,13 @@ impl Region {
         let started = Instant::now();
         let mut wait = Duration::from_micros(20);
         loop {
-            let rid = self.inner.next_rid();
+            // No request id: a resent transition that was applied finds
+            // the copy already at `new` and converges below.
             let req = Request::Cas {
                 at: at(loc, off),
                 expected: old,
                 new,
-                rid,
+                rid: 0,
             };
             let seen = recv(self.send_to(loc, &req, timeout)?, |r| match r {
                 Reply::Value(v) => Some(v),
@@ -911,12 +942,11 @@ impl Region {
                         _ => None,
                     },
                 )?;
-                let rid = self.inner.next_rid();
                 let req = Request::Cas {
                     at: at(loc, off),
                     expected: seen,
                     new: now,
-                    rid,
+                    rid: 0,
                 };
                 let v = recv(self.send_to(loc, &req, timeout)?, |r| match r {
                     Reply::Value(v) => Some(v),

@@ -91,6 +91,10 @@ struct ServerState {
     /// Committed slabs to thaw when the server becomes ready (first
     /// registration with this controller only).
     join_work: Option<Vec<u64>>,
+    /// Known only from the region maps (this controller started and the
+    /// server has not registered yet): if it never does, the detector
+    /// declares it dead like any other.
+    placeholder: bool,
 }
 
 impl ServerState {
@@ -140,6 +144,9 @@ struct Inner {
     rebuild_cv: Condvar,
     /// Slabs rebuilt, and bytes read and written doing it.
     rebuilt: Mutex<(u64, u64)>,
+    /// Each server's maximum frame, from its handshake (bounds the chunks
+    /// a rebuild reads and writes).
+    max_frames: Mutex<HashMap<u64, u32>>,
 }
 
 /// A running controller.
@@ -221,6 +228,29 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         cfg.slab_size,
         cfg.placement.name()
     );
+    // Servers the maps name are expected back; those that do not come
+    // within `dead_after` are declared dead and their slabs rebuilt.
+    for r in st.regions.values() {
+        for l in r.map.pieces().filter(|l| !l.lost) {
+            let s = st
+                .servers
+                .entry(l.server_id)
+                .or_insert_with(|| ServerState {
+                    addr: l.addr.clone(),
+                    admin_key: 0,
+                    capacity: 0,
+                    slabs_total: 0,
+                    slabs_used: 0,
+                    assigned: 0,
+                    last_seen: Instant::now(),
+                    alive: true,
+                    ready: false,
+                    join_work: None,
+                    placeholder: true,
+                });
+            s.assigned += 1;
+        }
+    }
     // Slabs lost before a restart are rebuilt once servers are back.
     let mut lost = VecDeque::new();
     for r in st.regions.values() {
@@ -240,6 +270,7 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         rebuild_queue: Mutex::new(lost),
         rebuild_cv: Condvar::new(),
         rebuilt: Mutex::new((0, 0)),
+        max_frames: Mutex::new(HashMap::new()),
     });
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -301,11 +332,29 @@ fn reconcile_loop(inner: Arc<Inner>) {
 /// Declares servers dead when their heartbeats stop.
 fn detector_loop(inner: Arc<Inner>) {
     let tick = (inner.cfg.heartbeat_interval / 2).max(Duration::from_millis(10));
+    let mut last = Instant::now();
     loop {
         std::thread::sleep(tick);
         let mut dead = Vec::new();
         {
             let mut st = inner.state.lock();
+            let now = Instant::now();
+            let lag = now.duration_since(last).saturating_sub(tick);
+            last = now;
+            if lag > inner.cfg.heartbeat_interval {
+                // This process stalled (paused, swapping, or the lock was
+                // held): heartbeats may be waiting unread. Judge no server
+                // by it; give every live one a fresh period.
+                warn!(
+                    "the controller stalled for {lag:?}; restarting the failure detector's clocks"
+                );
+                for s in st.servers.values_mut() {
+                    if s.alive {
+                        s.last_seen = now;
+                    }
+                }
+                continue;
+            }
             for (id, s) in st.servers.iter_mut() {
                 if s.alive && s.last_seen.elapsed() > inner.cfg.dead_after {
                     s.alive = false;
@@ -527,8 +576,13 @@ impl Inner {
     ) -> Result<Option<Vec<u64>>, String> {
         let mut st = self.state.lock();
         let slabs_total = capacity / self.cfg.slab_size;
-        if st.servers.get(&id).is_some_and(|s| !s.alive) {
-            // Declared dead meanwhile: a new member as far as slabs go.
+        if st
+            .servers
+            .get(&id)
+            .is_some_and(|s| !s.alive || s.placeholder)
+        {
+            // Declared dead meanwhile (a new member as far as slabs go), or
+            // known only from the maps: register it as new.
             st.servers.remove(&id);
             self.admin_conns.lock().remove(&id);
         }
@@ -596,6 +650,7 @@ impl Inner {
                 alive: true,
                 ready: false,
                 join_work: None,
+                placeholder: false,
             },
         );
         for s in &slabs {
@@ -1142,10 +1197,15 @@ impl Inner {
             let mut guard = self.state.lock();
             let st = &mut *guard;
             let (nr, ns) = (st.next_region, st.next_slab);
+            let dest_ok = st.servers.get(&dest_server).is_some_and(|s| s.usable());
             match st.regions.get_mut(&region) {
                 None => Err((
                     ErrorCode::RegionNotFound,
                     format!("region {region} was freed during the move"),
+                )),
+                Some(_) if !dest_ok => Err((
+                    ErrorCode::ServerUnavailable,
+                    format!("{} died during the move", dest.addr),
                 )),
                 Some(r) => {
                     let mut next = r.clone();
@@ -1265,7 +1325,10 @@ impl Inner {
                 .call(|b, id| data::hello(b, id, key, 0))
                 .map_err(unavailable)?;
             match data::decode_reply(f.kind, &f.payload) {
-                Ok(Reply::HelloOk { .. }) => *conn = Some(c),
+                Ok(Reply::HelloOk { max_frame, .. }) => {
+                    self.max_frames.lock().insert(server_id, max_frame);
+                    *conn = Some(c);
+                }
                 other => {
                     return Err((
                         ErrorCode::ServerUnavailable,

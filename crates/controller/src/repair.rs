@@ -29,8 +29,11 @@ use tracing::{debug, info, warn};
 use crate::placement::{self, Candidate};
 use crate::{new_key, unpend, Failure, Inner, State};
 
-/// Bytes copied per request while rebuilding.
+/// Most bytes copied per request while rebuilding (less if a server's
+/// maximum frame is smaller).
 const CHUNK: u64 = 1 << 20;
+/// Tries to thaw a survivor before leaving it to the failure detector.
+const THAW_TRIES: u32 = 50;
 /// Wait before retrying a rebuild that could not run.
 const RETRY: Duration = Duration::from_millis(200);
 /// Longest wait for erasure-coded writes in flight to finish their parity
@@ -92,8 +95,8 @@ impl Inner {
     /// Marks every slab on `server` lost, bumping and persisting the maps
     /// it touches, and queues rebuilds for regions with redundancy.
     pub(crate) fn mark_lost(&self, st: &mut State, server: u64) {
-        let (nr, ns) = (st.next_region, st.next_slab);
         let mut queued = 0;
+        let mut changed = Vec::new();
         let mut lost_for_good = 0;
         let mut q = self.rebuild_queue.lock();
         for (id, r) in st.regions.iter_mut() {
@@ -112,10 +115,7 @@ impl Inner {
                 continue;
             }
             next.map.version += 1;
-            if let Err(e) = self.store.put_region(&next, nr, ns) {
-                // Still marked in memory: clients must not use the slab.
-                warn!("persisting region {id} after a server loss: {e}");
-            }
+            changed.push(*id);
             if next.map.redundancy == Redundancy::None {
                 lost_for_good += hit.len();
             } else {
@@ -123,6 +123,13 @@ impl Inner {
                 q.extend(hit.into_iter().map(|i| (*id, i)));
             }
             *r = next;
+        }
+        // One transaction for all (this runs under the state lock).
+        let rs: Vec<&crate::store::StoredRegion> =
+            changed.iter().filter_map(|id| st.regions.get(id)).collect();
+        if let Err(e) = self.store.put_regions(&rs) {
+            // Still marked in memory: clients must not use the slabs.
+            warn!("persisting {} regions after a server loss: {e}", rs.len());
         }
         if lost_for_good > 0 {
             warn!("{lost_for_good} slabs of regions without redundancy were lost with server {server:016x}");
@@ -259,13 +266,7 @@ impl Inner {
         };
         let undo = |frozen: &[SlabLoc], drop_dest: bool| {
             for l in frozen {
-                let _ = self.admin_call(
-                    l.server_id,
-                    &Request::ThawSlab {
-                        slab: l.slab,
-                        new_key: 0,
-                    },
-                );
+                self.thaw(l, 0);
             }
             if drop_dest {
                 let _ = self.admin_call(dest.server_id, &Request::DropSlab { slab: dest.slab });
@@ -340,8 +341,14 @@ impl Inner {
             for _ in &survivors {
                 keys.push(new_key(&mut st.rng));
             }
+            let dest_ok = st.servers.get(&dest.server_id).is_some_and(|s| s.usable());
             let result = match st.regions.get_mut(&region) {
                 None => Err(None),
+                // Declared dead during the copy: its slab is worthless.
+                Some(_) if !dest_ok => Err(Some((
+                    ErrorCode::ServerUnavailable,
+                    format!("{} died during the rebuild", dest.addr),
+                ))),
                 Some(r) => {
                     let mut next = r.clone();
                     let still_lost = next.map.pieces().nth(index).is_some_and(|l| {
@@ -394,16 +401,7 @@ impl Inner {
             }
         };
         for (l, key) in &rekeyed {
-            if let Err((code, msg)) = self.admin_call(
-                l.server_id,
-                &Request::ThawSlab {
-                    slab: l.slab,
-                    new_key: *key,
-                },
-            ) {
-                // Its server is going away; the detector will mark it lost.
-                warn!("thawing slab {} on {}: {code}: {msg}", l.slab, l.addr);
-            }
+            self.thaw(l, *key);
         }
         {
             let mut c = self.rebuilt.lock();
@@ -418,6 +416,50 @@ impl Inner {
             started.elapsed()
         );
         Ok(())
+    }
+
+    /// Thaws a frozen survivor (with a new key unless 0), retrying while
+    /// its server is alive: a survivor left frozen would refuse every data
+    /// operation of its group.
+    fn thaw(&self, l: &SlabLoc, new_key: u64) {
+        for attempt in 0..THAW_TRIES {
+            let req = Request::ThawSlab {
+                slab: l.slab,
+                new_key,
+            };
+            match self.admin_call(l.server_id, &req) {
+                Ok(()) | Err((ErrorCode::UnknownSlab, _)) => return,
+                Err((code, msg)) => {
+                    let alive = self
+                        .state
+                        .lock()
+                        .servers
+                        .get(&l.server_id)
+                        .is_some_and(|s| s.alive);
+                    if !alive {
+                        // Declared dead: its slabs are lost anyway.
+                        return;
+                    }
+                    if attempt + 1 == THAW_TRIES {
+                        warn!("cannot thaw slab {} on {}: {code}: {msg}", l.slab, l.addr);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Largest chunk every one of `servers` accepts in a frame.
+    fn chunk_for(&self, servers: &[u64]) -> u64 {
+        let frames = self.max_frames.lock();
+        let min = servers
+            .iter()
+            .map(|s| frames.get(s).copied().unwrap_or(64 << 10) as u64)
+            .min()
+            .unwrap_or(64 << 10);
+        // Room for the header and a target; coded ranges are 64-byte aligned.
+        (min.saturating_sub(4096) / 64 * 64).clamp(64, CHUNK)
     }
 
     /// Fills `dest` with the content of lost piece `index`, from a replica
@@ -445,9 +487,15 @@ impl Inner {
         let mut sources: Vec<&(usize, SlabLoc)> = survivors.iter().collect();
         sources.sort_by_key(|(i, _)| *i >= map.slabs.len());
         sources.truncate(needed);
+        let involved: Vec<u64> = sources
+            .iter()
+            .map(|(_, l)| l.server_id)
+            .chain(std::iter::once(dest.server_id))
+            .collect();
+        let chunk = self.chunk_for(&involved);
         let mut off = 0;
         while off < ss {
-            let len = CHUNK.min(ss - off);
+            let len = chunk.min(ss - off);
             let bytes = match &codec {
                 None => {
                     let (_, l) = sources[0];

@@ -92,6 +92,13 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug {
         next_region: u64,
         next_slab: u64,
     ) -> Result<(), StoreError>;
+    /// Inserts or replaces several regions in one transaction.
+    fn put_regions(&self, rs: &[&StoredRegion]) -> Result<(), StoreError> {
+        for r in rs {
+            self.put_region(r, 0, 0)?;
+        }
+        Ok(())
+    }
     /// Deletes a region.
     fn delete_region(&self, id: u64) -> Result<(), StoreError>;
 }
@@ -175,6 +182,18 @@ impl MetaStore for RedbStore {
             c.insert("next_region", next_region.max(cur_r))
                 .map_err(err)?;
             c.insert("next_slab", next_slab.max(cur_s)).map_err(err)?;
+        }
+        w.commit().map_err(err)
+    }
+
+    fn put_regions(&self, rs: &[&StoredRegion]) -> Result<(), StoreError> {
+        let w = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = w.open_table(REGIONS).map_err(err)?;
+            for r in rs {
+                let bytes = postcard::to_stdvec(r).map_err(err)?;
+                t.insert(r.map.id, bytes.as_slice()).map_err(err)?;
+            }
         }
         w.commit().map_err(err)
     }

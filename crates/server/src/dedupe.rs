@@ -1,25 +1,34 @@
-//! At-most-once atomics: the outcome of each atomic that carries a request
-//! id, remembered per client session, so that a retry (after a lost reply or
-//! a reconnect) returns the first outcome instead of applying it again.
+//! At-most-once operations: the outcome of each atomic or parity XOR that
+//! carries a request id, remembered per client session, so that a retry
+//! (after a lost reply or a reconnect) returns the first outcome instead of
+//! applying it again.
 //!
-//! The table is bounded: it keeps the most recent [`CAPACITY`] outcomes over
-//! all sessions and forgets the oldest first. A client retries within its
-//! request timeout (seconds), far sooner than that many later atomics push
-//! an entry out.
+//! The table is sharded by (session, request id), so that unrelated
+//! requests do not wait for each other, and bounded: each shard keeps its
+//! most recent outcomes and forgets the oldest first, [`CAPACITY`] in all
+//! (about 24 MiB at most). A client resends within its request timeout
+//! (seconds); at a million at-most-once operations per second an entry
+//! lives about a quarter of a second per 256 Ki entries, so the capacity is
+//! sized for far more than this server's rate.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
 
-/// Outcomes remembered (about 40 bytes each).
-pub const CAPACITY: usize = 1 << 16;
+use parking_lot::{Mutex, MutexGuard};
 
-/// Recent atomic outcomes by (session, request id).
+/// Outcomes remembered over all shards (about 80 bytes each with the
+/// table's overhead).
+pub const CAPACITY: usize = 1 << 18;
+const SHARDS: usize = 64;
+
+/// One shard: recent outcomes by (session, request id), oldest first.
 #[derive(Debug, Default)]
-pub struct Dedupe {
+pub struct Shard {
     done: HashMap<(u64, u64), u64>,
     order: VecDeque<(u64, u64)>,
 }
 
-impl Dedupe {
+impl Shard {
     /// The outcome of `(session, rid)`, if it was applied.
     pub fn get(&self, session: u64, rid: u64) -> Option<u64> {
         self.done.get(&(session, rid)).copied()
@@ -29,12 +38,38 @@ impl Dedupe {
     pub fn put(&mut self, session: u64, rid: u64, value: u64) {
         if self.done.insert((session, rid), value).is_none() {
             self.order.push_back((session, rid));
-            while self.order.len() > CAPACITY {
+            while self.order.len() > CAPACITY / SHARDS {
                 if let Some(old) = self.order.pop_front() {
                     self.done.remove(&old);
                 }
             }
         }
+    }
+}
+
+/// Recent outcomes by (session, request id).
+#[derive(Debug)]
+pub struct Dedupe {
+    shards: Vec<Mutex<Shard>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Default for Dedupe {
+    fn default() -> Self {
+        Dedupe {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: Default::default(),
+        }
+    }
+}
+
+impl Dedupe {
+    /// The shard that owns `(session, rid)`, locked. Holding it across the
+    /// check and the apply makes two racing resends apply once.
+    pub fn shard(&self, session: u64, rid: u64) -> MutexGuard<'_, Shard> {
+        let mut h = self.hasher.build_hasher();
+        (session, rid).hash(&mut h);
+        self.shards[h.finish() as usize % SHARDS].lock()
     }
 }
 
@@ -44,15 +79,17 @@ mod tests {
 
     #[test]
     fn remembers_and_forgets_oldest() {
-        let mut d = Dedupe::default();
-        d.put(1, 1, 10);
-        assert_eq!(d.get(1, 1), Some(10));
-        assert_eq!(d.get(2, 1), None);
-        for i in 0..CAPACITY as u64 {
-            d.put(2, i + 2, i);
+        let d = Dedupe::default();
+        d.shard(1, 1).put(1, 1, 10);
+        assert_eq!(d.shard(1, 1).get(1, 1), Some(10));
+        assert_eq!(d.shard(2, 1).get(2, 1), None);
+        for i in 0..CAPACITY as u64 * 2 {
+            d.shard(2, i + 2).put(2, i + 2, i);
         }
-        assert_eq!(d.get(1, 1), None);
-        assert_eq!(d.get(2, 2), Some(0));
-        assert_eq!(d.done.len(), CAPACITY);
+        assert_eq!(d.shard(1, 1).get(1, 1), None);
+        let kept: usize = d.shards.iter().map(|s| s.lock().done.len()).sum();
+        assert!(kept <= CAPACITY, "{kept}");
+        let last = CAPACITY as u64 * 2 + 1;
+        assert_eq!(d.shard(2, last).get(2, last), Some(last - 2));
     }
 }

@@ -119,7 +119,7 @@ struct Shared {
     /// (0: never registered). Renewed by each answered heartbeat.
     lease_until: AtomicU64,
     /// Outcomes of atomics with request ids.
-    dedupe: parking_lot::Mutex<dedupe::Dedupe>,
+    dedupe: dedupe::Dedupe,
 }
 
 impl Shared {
@@ -810,7 +810,7 @@ fn once(
     }
     // Held across the apply so that two retries racing on two connections
     // cannot both apply; atomics are short.
-    let mut d = shared.dedupe.lock();
+    let mut d = shared.dedupe.shard(session, rid);
     if let Some(v) = d.get(session, rid) {
         return Ok(v);
     }
