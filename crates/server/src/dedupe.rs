@@ -12,7 +12,7 @@
 //! sized for far more than this server's rate.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -67,9 +67,8 @@ impl Dedupe {
     /// The shard that owns `(session, rid)`, locked. Holding it across the
     /// check and the apply makes two racing resends apply once.
     pub fn shard(&self, session: u64, rid: u64) -> MutexGuard<'_, Shard> {
-        let mut h = self.hasher.build_hasher();
-        (session, rid).hash(&mut h);
-        self.shards[h.finish() as usize % SHARDS].lock()
+        let h = self.hasher.hash_one((session, rid));
+        self.shards[h as usize % SHARDS].lock()
     }
 }
 
