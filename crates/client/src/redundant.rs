@@ -827,9 +827,10 @@ impl Region {
         // 1. The primary orders the atomic.
         // An attempt without a reply may have been applied: a resend with
         // the same request id to the same slab is applied once, and one to
-        // a former backup (the primary died) finds a copy that never saw it;
-        // but a primary at the same place with another slab (moved) may
-        // hold a copy of it, so that outcome is reported unknown.
+        // a former backup (the primary died), or to a primary rebuilt from
+        // the backups, finds a copy that never saw it; but a primary moved
+        // (copied) to another slab may hold it, so that outcome is reported
+        // unknown.
         let mut unknown: Option<(usize, u64)> = None;
         let (old, primary_slab) = self.settle(|map| {
             let slab = (offset / map.slab_size) as usize;
@@ -843,7 +844,8 @@ impl Region {
             };
             let primary = piece(map, index);
             if let Some((i, s)) = unknown {
-                if i == index && s != primary.slab {
+                // Rebuilt from the backups, it never saw the attempt.
+                if i == index && s != primary.slab && !primary.restored {
                     return Err(Attempt {
                         err: ClientError::Remote {
                             addr: primary.addr.clone(),

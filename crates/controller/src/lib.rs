@@ -917,6 +917,7 @@ impl Inner {
                     slab: first_slab + i as u64,
                     key,
                     lost: false,
+                    restored: false,
                 });
             }
             if let Some(t) = st.tenants.get_mut(tenant) {
@@ -1148,6 +1149,7 @@ impl Inner {
                 slab,
                 key,
                 lost: false,
+                restored: false,
             };
             (src, dest, dest_server)
         };

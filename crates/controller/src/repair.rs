@@ -258,6 +258,7 @@ impl Inner {
                 slab,
                 key,
                 lost: false,
+                restored: true,
             };
             for (_, l) in &survivors {
                 st.moving.insert(l.slab);

@@ -301,6 +301,7 @@ mod tests {
             slab,
             key: 1,
             lost: false,
+            restored: false,
         };
         r.map.slabs.push(loc(99));
         r.map.extra.push(loc(120));

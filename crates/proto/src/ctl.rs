@@ -150,6 +150,10 @@ pub struct SlabLoc {
     /// The server died and the slab's bytes are gone (until rebuilt from
     /// redundancy, which replaces this entry).
     pub lost: bool,
+    /// Rebuilt from the other slabs of its group after a loss (rather than
+    /// allocated, or moved as a copy of itself): it holds nothing a client
+    /// sent to the slab it replaced without reaching the others.
+    pub restored: bool,
 }
 
 /// How a region survives the loss of memory servers.
@@ -470,6 +474,7 @@ mod tests {
             slab,
             key: 1,
             lost: false,
+            restored: false,
         }
     }
 
@@ -524,8 +529,8 @@ mod tests {
             }
             let map = CtlReply::Region(RegionMap { id: 1, name, size, slab_size: 4096, version: 2,
                 redundancy: Redundancy::Replicate(2),
-                slabs: vec![SlabLoc { server_id: 1, addr: "x".into(), slab: 9, key, lost: false }],
-                extra: vec![SlabLoc { server_id: 2, addr: "y".into(), slab: 10, key, lost: true }] });
+                slabs: vec![SlabLoc { server_id: 1, addr: "x".into(), slab: 9, key, lost: false, restored: false }],
+                extra: vec![SlabLoc { server_id: 2, addr: "y".into(), slab: 10, key, lost: true, restored: false }] });
             let mut out = Vec::new();
             encode(&mut out, 1, CTL_REPLY, &map);
             prop_assert_eq!(decode_reply(&out[crate::frame::HEADER_LEN..]).unwrap(), map);
