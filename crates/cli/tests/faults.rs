@@ -432,6 +432,7 @@ fn a_retried_atomic_is_applied_once() {
 fn ip(args: &[&str]) -> bool {
     Command::new("ip")
         .args(args)
+        .stderr(std::process::Stdio::null())
         .status()
         .map(|s| s.success())
         .unwrap_or(false)

@@ -31,6 +31,7 @@
 //! Sharing: [`FarMutex`] and [`FarBarrier`] coordinate clients that share a
 //! named region, using the servers' compare-and-swap and fetch-and-add.
 
+pub mod chain;
 mod conn;
 mod region;
 mod sync;

@@ -167,6 +167,71 @@ fn piece(map: &RegionMap, index: usize) -> &SlabLoc {
     }
 }
 
+/// A backup copy of a word on a memory server, for [`crate::chain::follow`].
+struct NetCopy<'a> {
+    region: &'a Region,
+    loc: &'a SlabLoc,
+    primary: Option<SlabLoc>,
+    off: u64,
+    started: Instant,
+    wait: Duration,
+}
+
+impl crate::chain::WordCopy for NetCopy<'_> {
+    fn cas(&mut self, expected: u64, new: u64) -> Result<u64> {
+        // No request id: a resent transition that was applied finds the
+        // copy already moved, and converges through the repair.
+        let req = Request::Cas {
+            at: at(self.loc, self.off),
+            expected,
+            new,
+            rid: 0,
+        };
+        let timeout = self.region.inner.opts.request_timeout;
+        let s = self
+            .region
+            .send_to(self.loc, &req, timeout)
+            .map_err(|a| a.err)?;
+        recv(s, |r| match r {
+            Reply::Value(v) => Some(v),
+            _ => None,
+        })
+        .map_err(|a| a.err)
+    }
+
+    fn primary(&mut self) -> Result<u64> {
+        let Some(p) = &self.primary else {
+            // The primary left the map: the copies are being rebuilt;
+            // reading this backup keeps it as it is.
+            return self.cas(0, 0);
+        };
+        let req = Request::Read {
+            at: at(p, self.off),
+            len: 8,
+        };
+        let timeout = self.region.inner.opts.request_timeout;
+        let s = self.region.send_to(p, &req, timeout).map_err(|a| a.err)?;
+        recv(s, |r| match r {
+            Reply::Data(d) if d.len() == 8 => {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(d);
+                Some(u64::from_le_bytes(w))
+            }
+            _ => None,
+        })
+        .map_err(|a| a.err)
+    }
+
+    fn patience_exhausted(&mut self) -> bool {
+        self.started.elapsed() > CONVERGE
+    }
+
+    fn pause(&mut self) {
+        std::thread::sleep(self.wait);
+        self.wait = (self.wait * 2).min(Duration::from_millis(2));
+    }
+}
+
 /// One piece of an operation: a range inside one data slab.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
@@ -890,9 +955,8 @@ impl Region {
         })
     }
 
-    /// Moves one backup copy of a word from `old` to `new`, waiting while it
-    /// lags behind the primary and repairing it from the primary if it
-    /// stays behind (a client died between primary and backup).
+    /// Moves one backup copy of a word from `old` to `new` (see
+    /// [`crate::chain`]).
     fn follow(
         &self,
         loc: &SlabLoc,
@@ -902,71 +966,23 @@ impl Region {
         primary_slab: u64,
         map: &RegionMap,
     ) -> Result<(), Attempt> {
-        let timeout = self.inner.opts.request_timeout;
-        let started = Instant::now();
-        let mut wait = Duration::from_micros(20);
-        loop {
-            // No request id: a resent transition that was applied finds
-            // the copy already at `new` and converges below.
-            let req = Request::Cas {
-                at: at(loc, off),
-                expected: old,
-                new,
-                rid: 0,
-            };
-            let seen = recv(self.send_to(loc, &req, timeout)?, |r| match r {
-                Reply::Value(v) => Some(v),
-                _ => None,
-            })?;
-            if seen == old {
-                return Ok(());
-            }
-            if started.elapsed() > CONVERGE {
-                // Repair: take the primary's current value.
-                let Some(primary) = map.pieces().find(|l| l.slab == primary_slab) else {
-                    return Ok(());
-                };
-                let now = recv(
-                    self.send_to(
-                        primary,
-                        &Request::Read {
-                            at: at(primary, off),
-                            len: 8,
-                        },
-                        timeout,
-                    )?,
-                    |r| match r {
-                        Reply::Data(d) if d.len() == 8 => {
-                            let mut w = [0u8; 8];
-                            w.copy_from_slice(d);
-                            Some(u64::from_le_bytes(w))
-                        }
-                        _ => None,
-                    },
-                )?;
-                let req = Request::Cas {
-                    at: at(loc, off),
-                    expected: seen,
-                    new: now,
-                    rid: 0,
-                };
-                let v = recv(self.send_to(loc, &req, timeout)?, |r| match r {
-                    Reply::Value(v) => Some(v),
-                    _ => None,
-                })?;
-                if v == seen {
-                    tracing::warn!(
-                        "region {}: copy on {} lagged the primary at offset {off}; set to the primary's value",
-                        self.id,
-                        loc.addr
-                    );
-                    return Ok(());
-                }
-                continue;
-            }
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(Duration::from_millis(2));
+        let primary = map.pieces().find(|l| l.slab == primary_slab).cloned();
+        let mut copy = NetCopy {
+            region: self,
+            loc,
+            primary,
+            off,
+            started: Instant::now(),
+            wait: Duration::from_micros(20),
+        };
+        if crate::chain::follow(&mut copy, old, new)? == crate::chain::Followed::Repaired {
+            tracing::warn!(
+                "region {}: copy on {} lagged the primary at offset {off}; set to the primary's value",
+                self.id,
+                loc.addr
+            );
         }
+        Ok(())
     }
 
     fn unsupported_atomic(&self) -> ClientError {

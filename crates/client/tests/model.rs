@@ -134,3 +134,98 @@ fn barrier_releases_only_full_rounds_with_one_leader() {
         2000,
     );
 }
+
+/// A backup copy in the model: its word, and the primary's.
+struct ModelCopy {
+    primary: Arc<AtomicU64>,
+    backup: Arc<AtomicU64>,
+    tries: u32,
+}
+
+impl remora_client::chain::WordCopy for ModelCopy {
+    fn cas(&mut self, expected: u64, new: u64) -> remora_client::Result<u64> {
+        Ok(
+            match self
+                .backup
+                .compare_exchange(expected, new, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(v) | Err(v) => v,
+            },
+        )
+    }
+
+    fn primary(&mut self) -> remora_client::Result<u64> {
+        Ok(self.primary.load(Ordering::SeqCst))
+    }
+
+    fn patience_exhausted(&mut self) -> bool {
+        self.tries += 1;
+        self.tries > 8
+    }
+
+    fn pause(&mut self) {
+        shuttle::thread::yield_now();
+    }
+}
+
+#[test]
+fn replicated_atomics_keep_every_copy_in_the_primarys_order() {
+    use remora_client::chain::follow;
+    shuttle::check_random(
+        || {
+            const THREADS: u64 = 3;
+            const ADDS: u64 = 2;
+            let primary = Arc::new(AtomicU64::new(0));
+            let backups: Vec<Arc<AtomicU64>> =
+                (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
+            let hs: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let (primary, backups) = (primary.clone(), backups.clone());
+                    shuttle::thread::spawn(move || {
+                        let mut olds = Vec::new();
+                        for _ in 0..ADDS {
+                            // The primary orders; then each backup follows.
+                            let old = primary.fetch_add(1, Ordering::SeqCst);
+                            for b in &backups {
+                                let mut c = ModelCopy {
+                                    primary: primary.clone(),
+                                    backup: b.clone(),
+                                    tries: 0,
+                                };
+                                follow(&mut c, old, old + 1).unwrap();
+                            }
+                            olds.push(old);
+                        }
+                        olds
+                    })
+                })
+                .collect();
+            // A client that dies after the primary applied its add and
+            // before any backup heard of it: the others must repair.
+            let dead = {
+                let primary = primary.clone();
+                shuttle::thread::spawn(move || primary.fetch_add(1, Ordering::SeqCst))
+            };
+            let mut olds: Vec<u64> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+            let dead_old = dead.join().unwrap();
+            olds.sort_unstable();
+            olds.dedup();
+            assert_eq!(
+                olds.len() as u64,
+                THREADS * ADDS,
+                "an add was ordered twice"
+            );
+            let p = primary.load(Ordering::SeqCst);
+            assert_eq!(p, THREADS * ADDS + 1);
+            // Every backup converged to the primary, unless the dead
+            // client's add was the very last transition (then nobody
+            // followed after it, and the backups hold the value before it).
+            let want = if dead_old == p - 1 { p - 1 } else { p };
+            for b in &backups {
+                let v = b.load(Ordering::SeqCst);
+                assert_eq!(v, want, "backup {v}, primary {p}, lost add at {dead_old}");
+            }
+        },
+        3000,
+    );
+}
