@@ -655,3 +655,45 @@ fn contended_atomics_on_a_replicated_region_stay_linearizable_through_a_kill() {
         assert_eq!(u64::from_le_bytes(w), n, "a copy disagrees");
     }
 }
+
+#[test]
+fn replicated_regions_take_async_and_batched_reads_and_writes() {
+    let tc = TestCluster::start(Opts::default());
+    let c = tc.client();
+    let r = c
+        .alloc_with(300_000, None, Redundancy::Replicate(3))
+        .unwrap();
+    let data = Rng(9).bytes(200_000);
+    r.write_async(50_000, &data).wait().unwrap();
+    assert!(r.read_async(50_000, data.len()).wait().unwrap() == data);
+    let res = r
+        .batch()
+        .write(10, b"hello")
+        .read(50_000, 16)
+        .execute()
+        .unwrap();
+    assert_eq!(res.len(), 2);
+    let mut a = [0u8; 5];
+    let mut b = vec![0u8; 1000];
+    r.read_vectored(&mut [(10, &mut a[..]), (60_000, &mut b[..])])
+        .unwrap();
+    assert_eq!(&a, b"hello");
+    assert!(b[..] == data[10_000..11_000]);
+    let e = r.batch().fetch_add(0, 1).execute().unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unsupported), "{e}");
+    let e = r.fetch_add_async(0, 1).wait().unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Unsupported), "{e}");
+    let probe = tc.client();
+    // Every copy got the writes: lose two of the three copies one after
+    // the other and read through the last.
+    for victim in [0, 1] {
+        tc.servers[victim].signal("-KILL");
+        // No spare server to rebuild on: the survivors serve.
+        wait("the server to be declared dead", 20, || {
+            alive(&probe) == 2 - victim
+        });
+        let mut got = vec![0u8; data.len()];
+        r.read(50_000, &mut got).unwrap();
+        assert!(got == data, "a copy missed a write");
+    }
+}

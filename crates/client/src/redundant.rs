@@ -46,6 +46,12 @@
 //! * Atomics are refused ([`ClientError::Unsupported`]): use a replicated
 //!   region for words that need them.
 //!
+//! Async and batch forms: on replicated regions reads go to the first live
+//! copy and writes to every live copy, in one round of requests (no
+//! failover within an async call; a batch is retried as a whole until the
+//! map settles); atomics and everything on erasure-coded regions are
+//! blocking-only and refused with [`ClientError::Unsupported`] there.
+//!
 //! Writes to a slab whose server was declared dead wait for its rebuild
 //! (replication writes the surviving copies at once). Every operation keeps
 //! retrying through failover for [`crate::ClientOptions::failover_timeout`].
@@ -272,7 +278,10 @@ impl Region {
     /// than `failover_timeout`; between tries it backs off, drops broken
     /// connections and refreshes the map (a controller that is restarting
     /// just leaves the old map in place).
-    fn settle<T>(&self, mut op: impl FnMut(&RegionMap) -> Result<T, Attempt>) -> Result<T> {
+    pub(super) fn settle<T>(
+        &self,
+        mut op: impl FnMut(&RegionMap) -> Result<T, Attempt>,
+    ) -> Result<T> {
         let started = Instant::now();
         let mut wait = Duration::from_millis(1);
         loop {

@@ -186,6 +186,54 @@ impl Region {
         ))
     }
 
+    /// Where a request on byte `offset` of data slab `slab` goes: its one
+    /// slab, or with replication the first live copy (`all`: every live
+    /// copy, for writes).
+    fn targets<'m>(
+        &self,
+        map: &'m RegionMap,
+        slab: usize,
+        offset: u64,
+        all: bool,
+    ) -> Result<Vec<(Target, &'m str)>, Attempt> {
+        match map.redundancy {
+            Redundancy::None => Ok(vec![self.target(map, slab, offset)?]),
+            Redundancy::Replicate(_) => {
+                let n = map.slabs.len();
+                let mut v: Vec<(Target, &str)> = map
+                    .group_of(slab)
+                    .into_iter()
+                    .map(|i| {
+                        if i < n {
+                            &map.slabs[i]
+                        } else {
+                            &map.extra[i - n]
+                        }
+                    })
+                    .filter(|l| !l.lost)
+                    .map(|l| {
+                        (
+                            Target {
+                                slab: l.slab,
+                                key: l.key,
+                                offset,
+                            },
+                            l.addr.as_str(),
+                        )
+                    })
+                    .collect();
+                if v.is_empty() {
+                    return Err(unsent(self.lost(map, slab, offset)));
+                }
+                if !all {
+                    v.truncate(1);
+                }
+                Ok(v)
+            }
+            Redundancy::Erasure { .. } => Err(unsent(self.unsupported("this form"))),
+        }
+    }
+
     fn lost(&self, map: &RegionMap, slab: usize, offset: u64) -> ClientError {
         ClientError::DataLost {
             region: self.id,
@@ -292,23 +340,26 @@ impl Region {
 
     /// Sends one request per piece of `[offset, offset+len)`; `make` builds
     /// it from the piece's target, offset in the caller's buffer and length.
+    /// With `all`, to every live copy (writes of replicated regions).
     fn start_pieces<'d>(
         &self,
         map: &RegionMap,
         offset: u64,
         len: usize,
+        all: bool,
         make: impl Fn(Target, usize, usize) -> Request<'d>,
     ) -> Result<Vec<Part>, Attempt> {
         let mut parts = Vec::new();
         self.pieces(map, offset, len as u64, |slab, off, n, buf_off| {
-            let (at, addr) = self.target(map, slab, off)?;
-            let (conn, id) = self.submit(addr, &make(at, buf_off, n))?;
-            parts.push(Part {
-                conn,
-                id,
-                buf_off,
-                len: n,
-            });
+            for (at, addr) in self.targets(map, slab, off, all)? {
+                let (conn, id) = self.submit(addr, &make(at, buf_off, n))?;
+                parts.push(Part {
+                    conn,
+                    id,
+                    buf_off,
+                    len: n,
+                });
+            }
             Ok(())
         })
         .inspect_err(|_| abandon(&parts))?;
@@ -316,7 +367,7 @@ impl Region {
     }
 
     fn start_read(&self, map: &RegionMap, offset: u64, len: usize) -> Result<Vec<Part>, Attempt> {
-        self.start_pieces(map, offset, len, |at, _, n| Request::Read {
+        self.start_pieces(map, offset, len, false, |at, _, n| Request::Read {
             at,
             len: n as u32,
         })
@@ -328,9 +379,11 @@ impl Region {
         offset: u64,
         bytes: &[u8],
     ) -> Result<Vec<Part>, Attempt> {
-        self.start_pieces(map, offset, bytes.len(), |at, buf_off, n| Request::Write {
-            at,
-            data: &bytes[buf_off..buf_off + n],
+        self.start_pieces(map, offset, bytes.len(), true, |at, buf_off, n| {
+            Request::Write {
+                at,
+                data: &bytes[buf_off..buf_off + n],
+            }
         })
     }
 
@@ -465,7 +518,7 @@ impl Region {
     /// the caller decides (the sync forms retry). Dropping the future
     /// abandons the result (the request may still be executed).
     pub fn read_async(&self, offset: u64, len: usize) -> ReadFuture {
-        if self.redundancy != Redundancy::None {
+        if matches!(self.redundancy, Redundancy::Erasure { .. }) {
             return ReadFuture::new(Err(unsent(self.unsupported("read_async"))), len);
         }
         let map = self.map.read().clone();
@@ -474,7 +527,7 @@ impl Region {
 
     /// Starts a write of `data` at `offset` (the data is sent before this returns).
     pub fn write_async(&self, offset: u64, data: &[u8]) -> OpFuture<()> {
-        if self.redundancy != Redundancy::None {
+        if matches!(self.redundancy, Redundancy::Erasure { .. }) {
             return OpFuture::new(Err(unsent(self.unsupported("write_async"))), |_| ());
         }
         let map = self.map.read().clone();
@@ -517,7 +570,7 @@ impl Region {
 
     /// Reads several ranges, one batch frame per server.
     pub fn read_vectored(&self, reqs: &mut [(u64, &mut [u8])]) -> Result<()> {
-        if self.redundancy != Redundancy::None {
+        if matches!(self.redundancy, Redundancy::Erasure { .. }) {
             for (off, buf) in reqs.iter_mut() {
                 self.read(*off, buf)?;
             }
@@ -538,7 +591,7 @@ impl Region {
 
     /// Writes several ranges, one batch frame per server.
     pub fn write_vectored(&self, reqs: &[(u64, &[u8])]) -> Result<()> {
-        if self.redundancy != Redundancy::None {
+        if matches!(self.redundancy, Redundancy::Erasure { .. }) {
             for (off, data) in reqs {
                 self.write(*off, data)?;
             }
@@ -961,8 +1014,17 @@ impl Batch<'_> {
 
     /// Sends the batch and returns one result per operation, in order.
     pub fn execute(&self) -> Result<Vec<BatchResult>> {
-        if self.region.redundancy != Redundancy::None {
-            return Err(self.region.unsupported("a batch"));
+        let atomics = self
+            .ops
+            .iter()
+            .any(|o| matches!(o, BatchOp::Cas { .. } | BatchOp::Faa { .. }));
+        match self.region.redundancy {
+            Redundancy::None => {}
+            Redundancy::Replicate(_) if !atomics => {}
+            Redundancy::Replicate(_) => {
+                return Err(self.region.unsupported("a batch with atomics"));
+            }
+            Redundancy::Erasure { .. } => return Err(self.region.unsupported("a batch")),
         }
         let idempotent = self
             .ops
@@ -973,6 +1035,11 @@ impl Batch<'_> {
         } else {
             Retry::Never
         };
+        if let Redundancy::Replicate(_) = self.region.redundancy {
+            // Reads and writes only: retried until the map shows the
+            // cluster settled (a dead copy marked lost).
+            return self.region.settle(|map| self.run(map));
+        }
         self.region.retrying(policy, |map| self.run(map))
     }
 
@@ -1006,29 +1073,31 @@ impl Batch<'_> {
                 BatchOp::Read { off, len } => {
                     results.push(BatchResult::Data(vec![0; *len]));
                     r.pieces(map, *off, *len as u64, |slab, so, n, buf_off| {
-                        let (at, addr) = r.target(map, slab, so)?;
-                        push(
-                            addr,
-                            SubOp::Read { at, len: n as u32 },
-                            (i, buf_off, n),
-                            n + 8,
-                        );
+                        for (at, addr) in r.targets(map, slab, so, false)? {
+                            push(
+                                addr,
+                                SubOp::Read { at, len: n as u32 },
+                                (i, buf_off, n),
+                                n + 8,
+                            );
+                        }
                         Ok(())
                     })?;
                 }
                 BatchOp::Write { off, data } => {
                     results.push(BatchResult::Done);
                     r.pieces(map, *off, data.len() as u64, |slab, so, n, buf_off| {
-                        let (at, addr) = r.target(map, slab, so)?;
-                        push(
-                            addr,
-                            SubOp::Write {
-                                at,
-                                data: &data[buf_off..buf_off + n],
-                            },
-                            (i, buf_off, n),
-                            4,
-                        );
+                        for (at, addr) in r.targets(map, slab, so, true)? {
+                            push(
+                                addr,
+                                SubOp::Write {
+                                    at,
+                                    data: &data[buf_off..buf_off + n],
+                                },
+                                (i, buf_off, n),
+                                4,
+                            );
+                        }
                         Ok(())
                     })?;
                 }
