@@ -299,7 +299,15 @@ impl Region {
                 }
             }
             std::thread::sleep(wait);
-            wait = (wait * 2).min(Duration::from_millis(50));
+            // A frozen stripe is thawed within milliseconds (a rebuild
+            // copies one slab at full speed); other waits are for a
+            // failure to be detected.
+            let cap = if err.code() == Some(ErrorCode::SlabFrozen) {
+                Duration::from_millis(5)
+            } else {
+                Duration::from_millis(50)
+            };
+            wait = (wait * 2).min(cap);
             let _ = self.refresh();
         }
     }

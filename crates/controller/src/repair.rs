@@ -54,8 +54,16 @@ pub(crate) fn rebuild_loop(inner: Arc<Inner>) {
             }
         };
         let (region, index) = job;
+        let started = Instant::now();
         match inner.rebuild(region, index) {
-            Ok(()) => {}
+            Ok(moved) => {
+                // Rate limit between slabs, not during a copy: the copy
+                // runs at full speed so its stripe is frozen briefly.
+                let due = Duration::from_secs_f64(moved as f64 / inner.cfg.rebuild_rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
             Err((ErrorCode::DataLost, msg)) => {
                 warn!("region {region}: slab {index} cannot be rebuilt: {msg}");
             }
@@ -175,20 +183,21 @@ impl Inner {
         }
     }
 
-    /// Rebuilds piece `index` of `region` if it is still lost.
-    fn rebuild(&self, region: u64, index: usize) -> Result<(), Failure> {
+    /// Rebuilds piece `index` of `region` if it is still lost; returns the
+    /// bytes read and written.
+    fn rebuild(&self, region: u64, index: usize) -> Result<u64, Failure> {
         let started = Instant::now();
         // Plan under the lock: survivors, destination, new slab id.
         let (map, survivors, needed, dest) = {
             let mut guard = self.state.lock();
             let st = &mut *guard;
             let Some(r) = st.regions.get(&region) else {
-                return Ok(());
+                return Ok(0);
             };
             let map = r.map.clone();
             match map.pieces().nth(index) {
                 Some(l) if l.lost => {}
-                _ => return Ok(()),
+                _ => return Ok(0),
             }
             let group = map.group_of(index);
             let survivors: Vec<(usize, SlabLoc)> = group
@@ -394,7 +403,7 @@ impl Inner {
             Err(None) => {
                 // Freed, or rebuilt by someone else meanwhile.
                 undo(&frozen, true);
-                return Ok(());
+                return Ok(0);
             }
             Err(Some(e)) => {
                 undo(&frozen, true);
@@ -416,7 +425,7 @@ impl Inner {
             remora_proto::size::Bytes(moved),
             started.elapsed()
         );
-        Ok(())
+        Ok(moved)
     }
 
     /// Thaws a frozen survivor (with a new key unless 0), retrying while
@@ -475,7 +484,6 @@ impl Inner {
         dest: &SlabLoc,
     ) -> Result<u64, Failure> {
         let ss = map.slab_size;
-        let started = Instant::now();
         let mut moved = 0u64;
         let codec = match map.redundancy {
             Redundancy::Erasure { data, parity } => Some(
@@ -552,11 +560,6 @@ impl Inner {
             self.admin_call(dest.server_id, &Request::Write { at, data: &bytes })?;
             moved += len;
             off += len;
-            // Rate limit: sleep off any lead over rebuild_rate.
-            let due = Duration::from_secs_f64(moved as f64 / self.cfg.rebuild_rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
         }
         Ok(moved)
     }
