@@ -24,25 +24,27 @@
 //!   aligned). When a piece beyond the k needed is available it is read
 //!   too and checked against the decode: a stripe caught between a write's
 //!   data swap and its parity update disagrees, and the read is retried.
-//! * A write swaps the new bytes into the data slab (the server returns the
-//!   old ones and counts the write as in flight), XORs the parity delta of
-//!   the change into every live parity slab (each XOR with a request id, so
-//!   a resend applies once), then commits on the data slab. Deltas commute,
-//!   so concurrent writes to different slabs of a stripe need no lock. A
-//!   rebuild freezes the stripe and waits for writes in flight to commit
-//!   before it reads it; a write commits only once every parity update is
-//!   answered (or its parity slab was lost, to be recomputed from the data).
-//! * A swap whose outcome is unknown (no reply) is settled by the data slab
-//!   itself if its server dies (the slab is rebuilt from parity, which never
-//!   saw the swap's delta); on a live server the range is repaired: the new
-//!   bytes are swapped in again and the range's parity recomputed from all
-//!   data slabs, as one write in flight.
-//! * Within one client, reconstructions and repairs of a stripe take its
-//!   lock exclusively and writes take it shared. Limits: a repair that
-//!   races another client's write to the same range of the stripe can lose
-//!   that write's parity delta; a client that dies between swap and parity
-//!   update leaves the range's parity stale (the classic write hole), which
-//!   a later loss of another slab of that stripe would decode wrongly.
+//! * A write swaps the new bytes into the data slab with a request id (the
+//!   server returns the old bytes and keeps them, as the write's record,
+//!   until the commit: a resend gets the same answer and writes nothing
+//!   twice), XORs the parity delta of the change into every live parity
+//!   slab (each XOR with a request id, so a resend applies once), and
+//!   commits once every parity update is answered. Deltas commute, so
+//!   concurrent writes to different slabs of a stripe need no lock. A
+//!   rebuild freezes the stripe, waits for the records to be committed,
+//!   and checks its decode against a spare piece when one survives; a
+//!   stripe caught mid-write is retried later rather than decoded.
+//! * If the data slab is lost and rebuilt while a write is in flight, the
+//!   rebuilt slab holds either the write (every parity had it) or the
+//!   bytes before it (none had): the client reads which and starts over
+//!   if needed.
+//! * Within one client, reconstructions of a stripe take its lock
+//!   exclusively and writes take it shared. Limit: a client that dies (or
+//!   gives up after `failover_timeout`) between swap and parity update
+//!   leaves the range's parity stale (the classic write hole); degraded
+//!   reads and rebuilds that can check against a spare piece then refuse
+//!   that range rather than decode it wrongly, and with M servers lost
+//!   there is no spare to check against.
 //! * Atomics are refused ([`ClientError::Unsupported`]): use a replicated
 //!   region for words that need them.
 //!
@@ -81,14 +83,16 @@ const PARITY_DEADLINE: Duration = Duration::from_secs(1);
 enum Stage {
     /// Nothing applied yet (or the stripe is consistent again).
     Fresh,
-    /// The swap on data slab `slab` may or may not have been applied.
-    Unknown { slab: u64 },
-    /// The swap on data slab `data_slab` was applied; these parity updates
-    /// (parity index, request id, parity slab id, delta) are not yet
-    /// known to be.
+    /// The swap `rid` on data slab `slab` may or may not have been applied:
+    /// resend it.
+    Swapping { slab: u64, rid: u64 },
+    /// The swap `swap_rid` on data slab `data_slab` was applied; these
+    /// parity updates (parity index, request id, parity slab id, delta) are
+    /// not yet known to be.
     Parity {
         data_slab: u64,
-        rids: Vec<(usize, u64, u64, Vec<u8>)>,
+        swap_rid: u64,
+        xors: Vec<(usize, u64, u64, Vec<u8>)>,
     },
 }
 
@@ -640,59 +644,44 @@ impl Region {
                 }
                 return Err(self.rebuilding(loc, p.slab));
             }
+            let _lock = self.stripes[stripe % STRIPE_LOCKS].read();
+            let mut swap_rid = None;
             match std::mem::replace(&mut stage, Stage::Fresh) {
                 Stage::Fresh => {}
-                Stage::Unknown { slab } if slab != loc.slab => {
-                    // The data slab was lost and rebuilt from parity since:
-                    // the stripe is consistent again, without this write.
+                // Resent with its request id: the slab answers with the
+                // bytes the first one replaced, and writes nothing twice.
+                Stage::Swapping { slab, rid } if slab == loc.slab => swap_rid = Some(rid),
+                // The data slab was rebuilt from parity, which never saw
+                // this write: start over.
+                Stage::Swapping { .. } => {}
+                Stage::Parity {
+                    data_slab,
+                    swap_rid,
+                    xors,
+                } if data_slab == loc.slab => {
+                    return self.finish_parity(map, stripe, m, a, loc, swap_rid, xors, &mut stage);
                 }
-                Stage::Unknown { slab } => {
-                    stage = Stage::Unknown { slab };
-                    return self.repair(map, &codec, stripe, loc, p, bytes, (a, b));
-                }
-                Stage::Parity { data_slab, rids } => {
-                    // The data is in; finish the parity updates that failed,
-                    // with their request ids, so each applies once.
-                    stage = Stage::Parity {
-                        data_slab,
-                        rids: rids.clone(),
+                Stage::Parity { .. } => {
+                    // The data slab was rebuilt meanwhile, from a stripe the
+                    // rebuild found consistent: it holds this write (every
+                    // parity has it) or the bytes before it (none has).
+                    let req = Request::Read {
+                        at: at(loc, p.off),
+                        len: p.len as u32,
                     };
-                    let mut sent = Vec::new();
-                    let mut failed = None;
-                    for (j, rid, slab, delta) in &rids {
-                        let ploc = &map.extra[stripe * m + j];
-                        if ploc.lost || ploc.slab != *slab {
-                            // Rebuilt from the data, which has this write.
-                            continue;
-                        }
-                        let req = Request::Xor {
-                            at: at(ploc, a),
-                            rid: *rid,
-                            data: delta,
-                        };
-                        match self.send_to(ploc, &req, timeout.min(PARITY_DEADLINE)) {
-                            Ok(s) => sent.push(s),
-                            Err(e) => {
-                                failed.get_or_insert(e);
-                            }
-                        }
+                    let now = recv(self.send_to(loc, &req, timeout)?, |r| match r {
+                        Reply::Data(d) => Some(d == bytes),
+                        _ => None,
+                    })?;
+                    if now {
+                        return Ok(());
                     }
-                    for s in sent {
-                        if let Err(e) = recv(s, done) {
-                            failed.get_or_insert(e);
-                        }
-                    }
-                    if let Some(e) = failed {
-                        return Err(e);
-                    }
-                    stage = Stage::Fresh;
-                    self.commit(map, data_slab, p.slab);
-                    return Ok(());
                 }
             }
-            let _lock = self.stripes[stripe % STRIPE_LOCKS].read();
+            let rid = swap_rid.unwrap_or_else(|| self.inner.next_rid());
             let swap = Request::Swap {
                 at: at(loc, p.off),
+                rid,
                 data: bytes,
             };
             let s = self.send_to(loc, &swap, timeout)?;
@@ -702,9 +691,12 @@ impl Region {
             }) {
                 Ok(o) => o,
                 Err(e) => {
-                    // Refused: nothing happened. Otherwise it may have.
-                    if !refused(&e.err) {
-                        stage = Stage::Unknown { slab: loc.slab };
+                    // Refused: nothing happened. Otherwise resend it.
+                    if !refused(&e.err) || swap_rid.is_some() {
+                        stage = Stage::Swapping {
+                            slab: loc.slab,
+                            rid,
+                        };
                     }
                     return Err(e);
                 }
@@ -714,57 +706,88 @@ impl Region {
             for (j, (o, n)) in old.iter().zip(bytes).enumerate() {
                 delta[from + j] = o ^ n;
             }
-            if delta.iter().all(|&x| x == 0) {
-                self.commit(map, loc.slab, p.slab);
-                return Ok(());
-            }
-            let pd = codec
-                .parity_delta(p.slab % k, &delta)
-                .map_err(|e| unsent(self.codec_error(e)))?;
-            let mut sent = Vec::new();
-            let mut rids = Vec::new();
-            let mut failed = None;
-            for (j, (ploc, delta)) in map.extra[stripe * m..(stripe + 1) * m]
-                .iter()
-                .zip(pd)
-                .enumerate()
-            {
-                if ploc.lost {
-                    // Recomputed from the data when rebuilt.
-                    continue;
-                }
-                let rid = self.inner.next_rid();
-                let req = Request::Xor {
-                    at: at(ploc, a),
-                    rid,
-                    data: &delta,
-                };
-                match self.send_to(ploc, &req, timeout.min(PARITY_DEADLINE)) {
-                    Ok(s) => sent.push((s, (j, rid, ploc.slab, delta))),
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                        rids.push((j, rid, ploc.slab, delta));
+            let mut xors = Vec::new();
+            if delta.iter().any(|&x| x != 0) {
+                let pd = codec
+                    .parity_delta(p.slab % k, &delta)
+                    .map_err(|e| unsent(self.codec_error(e)))?;
+                for (j, (ploc, d)) in map.extra[stripe * m..(stripe + 1) * m]
+                    .iter()
+                    .zip(pd)
+                    .enumerate()
+                {
+                    // A lost parity slab is recomputed from the data.
+                    if !ploc.lost {
+                        xors.push((j, self.inner.next_rid(), ploc.slab, d));
                     }
                 }
             }
-            for (s, pending) in sent {
-                if let Err(e) = recv(s, done) {
+            self.finish_parity(map, stripe, m, a, loc, rid, xors, &mut stage)
+        })
+    }
+
+    /// Sends a write's parity updates (each with its request id, so a
+    /// resend applies once) and commits the swap once all are answered.
+    /// On failure the write stays in flight (a rebuild of the stripe waits
+    /// for it) and `stage` says what is left.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_parity(
+        &self,
+        map: &RegionMap,
+        stripe: usize,
+        m: usize,
+        a: u64,
+        loc: &SlabLoc,
+        swap_rid: u64,
+        xors: Vec<(usize, u64, u64, Vec<u8>)>,
+        stage: &mut Stage,
+    ) -> Result<(), Attempt> {
+        let timeout = self.inner.opts.request_timeout.min(PARITY_DEADLINE);
+        let mut sent = Vec::new();
+        let mut left = Vec::new();
+        let mut failed = None;
+        for x in xors {
+            let ploc = &map.extra[stripe * m + x.0];
+            if ploc.lost || ploc.slab != x.2 {
+                // Rebuilt from the data, which has this write.
+                continue;
+            }
+            let req = Request::Xor {
+                at: at(ploc, a),
+                rid: x.1,
+                data: &x.3,
+            };
+            match self.send_to(ploc, &req, timeout) {
+                Ok(s) => sent.push((s, x)),
+                Err(e) => {
                     failed.get_or_insert(e);
-                    rids.push(pending);
+                    left.push(x);
                 }
             }
-            if let Some(e) = failed {
-                // Not committed yet: a rebuild of this stripe waits for the
-                // retries, so it never reads parity missing this delta.
-                stage = Stage::Parity {
-                    data_slab: loc.slab,
-                    rids,
-                };
-                return Err(e);
+        }
+        for (s, x) in sent {
+            if let Err(e) = recv(s, done) {
+                failed.get_or_insert(e);
+                left.push(x);
             }
-            self.commit(map, loc.slab, p.slab);
-            Ok(())
-        })
+        }
+        if let Some(e) = failed {
+            *stage = Stage::Parity {
+                data_slab: loc.slab,
+                swap_rid,
+                xors: left,
+            };
+            return Err(e);
+        }
+        // Nobody waits for the commit's reply: the parity is in, and a
+        // commit lost with its connection only keeps a later rebuild of the
+        // stripe waiting for the swap's record to expire.
+        let commit = Request::Commit {
+            at: at(loc, 0),
+            rid: swap_rid,
+        };
+        drop(self.send_to(loc, &commit, self.inner.opts.request_timeout));
+        Ok(())
     }
 
     fn rebuilding(&self, loc: &SlabLoc, slab: usize) -> Attempt {
@@ -773,113 +796,6 @@ impl Region {
             code: ErrorCode::SlabFrozen,
             message: format!("slab {slab} of region {} is being rebuilt", self.id),
         })
-    }
-
-    /// Ends a write on data slab `slab_id` (index `slab`): it is no longer in
-    /// flight. Nobody waits for the reply: the parity updates were
-    /// answered already, and a commit lost with its connection only makes a
-    /// later rebuild of the stripe wait for its drain timeout.
-    fn commit(&self, map: &RegionMap, slab_id: u64, slab: usize) {
-        let loc = &map.slabs[slab];
-        if loc.slab == slab_id {
-            let commit = Request::Commit { at: at(loc, 0) };
-            drop(self.send_to(loc, &commit, self.inner.opts.request_timeout));
-        }
-    }
-
-    /// Repairs a range whose write had an unknown outcome on a live data
-    /// slab: puts the new bytes in and recomputes the range's parity from
-    /// the stripe's data slabs, as one write in flight (a rebuild of the
-    /// stripe waits for it). Needs every data slab of the stripe.
-    #[allow(clippy::too_many_arguments)]
-    fn repair(
-        &self,
-        map: &RegionMap,
-        codec: &Codec,
-        stripe: usize,
-        loc: &SlabLoc,
-        p: &Piece,
-        bytes: &[u8],
-        (a, b): (u64, u64),
-    ) -> Result<(), Attempt> {
-        let k = codec.data();
-        let first = stripe * k;
-        for i in first..(first + k).min(map.slabs.len()) {
-            if map.slabs[i].lost {
-                return Err(self.rebuilding(&map.slabs[i], i));
-            }
-        }
-        let _lock = self.stripes[stripe % STRIPE_LOCKS].write();
-        let swap = Request::Swap {
-            at: at(loc, p.off),
-            data: bytes,
-        };
-        recv(
-            self.send_to(loc, &swap, self.inner.opts.request_timeout)?,
-            |r| matches!(r, Reply::Data(_)).then_some(()),
-        )?;
-        let r = self.resync(map, codec, stripe, a, b);
-        self.commit(map, loc.slab, p.slab);
-        r
-    }
-
-    /// Recomputes the parity of `[a, b)` of a stripe from its data slabs.
-    fn resync(
-        &self,
-        map: &RegionMap,
-        codec: &Codec,
-        stripe: usize,
-        a: u64,
-        b: u64,
-    ) -> Result<(), Attempt> {
-        let (k, m) = (codec.data(), codec.parity());
-        let n = map.slabs.len();
-        let first = stripe * k;
-        let in_stripe = (n - first).min(k);
-        let timeout = self.inner.opts.request_timeout;
-        let mut sent = Vec::new();
-        for d in 0..in_stripe {
-            let loc = &map.slabs[first + d];
-            if loc.lost {
-                // Parity cannot be recomputed without it: wait for its rebuild.
-                return Err(unsent(ClientError::Remote {
-                    addr: loc.addr.clone(),
-                    code: ErrorCode::SlabFrozen,
-                    message: format!("slab {} is being rebuilt", first + d),
-                }));
-            }
-            let req = Request::Read {
-                at: at(loc, a),
-                len: (b - a) as u32,
-            };
-            sent.push(self.send_to(loc, &req, timeout)?);
-        }
-        let mut data = Vec::with_capacity(in_stripe);
-        for s in sent {
-            data.push(recv(s, |r| match r {
-                Reply::Data(d) if d.len() as u64 == b - a => Some(d.to_vec()),
-                _ => None,
-            })?);
-        }
-        let refs: Vec<Option<&[u8]>> = (0..k).map(|d| data.get(d).map(|v| &v[..])).collect();
-        let parity = codec
-            .encode(&refs)
-            .map_err(|e| unsent(self.codec_error(e)))?;
-        let mut sent = Vec::new();
-        for (j, ploc) in map.extra[stripe * m..(stripe + 1) * m].iter().enumerate() {
-            if ploc.lost {
-                continue;
-            }
-            let req = Request::Write {
-                at: at(ploc, a),
-                data: &parity[j],
-            };
-            sent.push(self.send_to(ploc, &req, timeout)?);
-        }
-        for s in sent {
-            recv(s, done)?;
-        }
-        Ok(())
     }
 
     /// An atomic on a replicated region (see the module docs). `apply`
@@ -913,7 +829,7 @@ impl Region {
         // the backups, finds a copy that never saw it; but a primary moved
         // (copied) to another slab may hold it, so that outcome is reported
         // unknown.
-        let mut unknown: Option<(usize, u64)> = None;
+        let mut unknown: Vec<(usize, u64)> = Vec::new();
         let (old, primary_slab) = self.settle(|map| {
             let slab = (offset / map.slab_size) as usize;
             let off = offset % map.slab_size;
@@ -925,21 +841,27 @@ impl Region {
                 return Err(self.group_lost(map, slab, off));
             };
             let primary = piece(map, index);
-            if let Some((i, s)) = unknown {
-                // Rebuilt from the backups, it never saw the attempt.
-                if i == index && s != primary.slab && !primary.restored {
-                    return Err(Attempt {
-                        err: ClientError::Remote {
-                            addr: primary.addr.clone(),
-                            code: ErrorCode::ServerUnavailable,
-                            message: format!(
-                                "region {}: the outcome of an atomic at offset {offset} is unknown: its slab moved while the reply was lost",
-                                self.id
-                            ),
-                        },
-                        sent: true,
-                    });
-                }
+            // Safe to send: nothing was left unanswered; or this very slab
+            // was tried (its server applies a request id once); or it is a
+            // copy none of the tried slabs could have been copied into (an
+            // original backup at another place, or a slab rebuilt where only
+            // the dead primary was tried, from backups never tried).
+            let safe = unknown.is_empty()
+                || unknown.iter().any(|&(_, s)| s == primary.slab)
+                || (!primary.restored && unknown.iter().all(|&(i, _)| i != index))
+                || (primary.restored && unknown.len() == 1 && unknown[0].0 == index);
+            if !safe {
+                return Err(Attempt {
+                    err: ClientError::Remote {
+                        addr: primary.addr.clone(),
+                        code: ErrorCode::ServerUnavailable,
+                        message: format!(
+                            "region {}: the outcome of an atomic at offset {offset} is unknown: the copies it may have reached were replaced while its replies were lost",
+                            self.id
+                        ),
+                    },
+                    sent: true,
+                });
             }
             let s = self.send_to(primary, &make(at(primary, off), rid), timeout)?;
             let v = recv(s, |r| match r {
@@ -947,8 +869,8 @@ impl Region {
                 _ => None,
             })
             .inspect_err(|a| {
-                if a.err.is_unavailable() {
-                    unknown = Some((index, primary.slab));
+                if a.err.is_unavailable() && !unknown.contains(&(index, primary.slab)) {
+                    unknown.push((index, primary.slab));
                 }
             })?;
             Ok((v, primary.slab))

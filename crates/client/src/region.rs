@@ -125,6 +125,19 @@ impl Region {
     pub fn refresh(&self) -> Result<()> {
         let m = self.inner.get_map(self.id)?;
         validate(&self.inner, &m)?;
+        {
+            let cur = self.map.read();
+            if m.size != cur.size
+                || m.slab_size != cur.slab_size
+                || m.redundancy != cur.redundancy
+                || m.slabs.len() != cur.slabs.len()
+            {
+                return Err(ClientError::Protocol {
+                    addr: self.inner.controller.clone(),
+                    detail: format!("region {} changed shape in a new map", self.id),
+                });
+            }
+        }
         *self.map.write() = Arc::new(m);
         Ok(())
     }

@@ -340,20 +340,16 @@ fn detector_loop(inner: Arc<Inner>) {
             let mut st = inner.state.lock();
             let now = Instant::now();
             let lag = now.duration_since(last).saturating_sub(tick);
-            last = now;
             if lag > inner.cfg.heartbeat_interval {
                 // This process stalled (paused, swapping, or the lock was
-                // held): heartbeats may be waiting unread. Judge no server
-                // by it; give every live one a fresh period.
-                warn!(
-                    "the controller stalled for {lag:?}; restarting the failure detector's clocks"
-                );
+                // held): heartbeats may be waiting unread. The stall is not
+                // the servers' silence: move their clocks past it.
+                warn!("the controller stalled for {lag:?}; not counting it against servers");
                 for s in st.servers.values_mut() {
                     if s.alive {
-                        s.last_seen = now;
+                        s.last_seen = (s.last_seen + lag).min(now);
                     }
                 }
-                continue;
             }
             for (id, s) in st.servers.iter_mut() {
                 if s.alive && s.last_seen.elapsed() > inner.cfg.dead_after {
@@ -371,6 +367,8 @@ fn detector_loop(inner: Arc<Inner>) {
                 inner.mark_lost(&mut st, *id);
             }
         }
+        // Measured from here, so the work above is not taken for a stall.
+        last = Instant::now();
         if !dead.is_empty() {
             inner.rebuild_cv.notify_all();
         }

@@ -492,10 +492,13 @@ impl Inner {
             ),
             _ => None,
         };
-        // Data pieces first: decoding from data needs no arithmetic.
+        // Data pieces first: decoding from data needs no arithmetic. With
+        // erasure coding, one more survivor when there is one, to check the
+        // decode against.
         let mut sources: Vec<&(usize, SlabLoc)> = survivors.iter().collect();
         sources.sort_by_key(|(i, _)| *i >= map.slabs.len());
-        sources.truncate(needed);
+        let spare = codec.is_some() && sources.len() > needed;
+        sources.truncate(needed + usize::from(spare));
         let involved: Vec<u64> = sources
             .iter()
             .map(|(_, l)| l.server_id)
@@ -516,9 +519,14 @@ impl Inner {
                     let (k, m) = (c.data(), c.parity());
                     let mut data: Vec<Option<Vec<u8>>> = vec![None; k];
                     let mut parity: Vec<Option<Vec<u8>>> = vec![None; m];
-                    for (i, l) in &sources {
+                    let mut check = None;
+                    for (n, (i, l)) in sources.iter().enumerate() {
                         let b = self.admin_read(l.server_id, l.slab, off, len as u32)?;
                         moved += len;
+                        if n == needed {
+                            check = Some((*i, b));
+                            continue;
+                        }
                         match role(map, *i) {
                             Role::Data(d) => data[d] = Some(b),
                             Role::Parity(p) => parity[p] = Some(b),
@@ -536,6 +544,29 @@ impl Inner {
                     let full = c
                         .reconstruct(&dref, &pref, &zeros)
                         .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+                    let encode = |full: &[Vec<u8>]| {
+                        let refs: Vec<Option<&[u8]>> = full
+                            .iter()
+                            .enumerate()
+                            .map(|(d, s)| (!zeros[d]).then_some(&s[..]))
+                            .collect();
+                        c.encode(&refs)
+                            .map_err(|e| (ErrorCode::Internal, e.to_string()))
+                    };
+                    if let Some((i, b)) = &check {
+                        let expected = match role(map, *i) {
+                            Role::Data(d) => full[d].clone(),
+                            Role::Parity(p) => encode(&full)?.swap_remove(p),
+                        };
+                        if expected != *b {
+                            // A write is half-way through (or was abandoned
+                            // half-way): decoding now would be wrong.
+                            return Err((
+                                ErrorCode::SlabFrozen,
+                                format!("stripe bytes {off}+{len} disagree: a write is in flight"),
+                            ));
+                        }
+                    }
                     match role(map, index) {
                         Role::Data(d) => full[d].clone(),
                         Role::Parity(p) => {

@@ -128,10 +128,14 @@ pub enum Request<'a> {
         rid: u64,
     },
     /// Write `data` and reply DATA with the bytes it replaced, atomically.
-    /// The slab counts the swap as in flight until a [`Request::Commit`].
+    /// With a request id, the slab keeps the replaced bytes until a
+    /// [`Request::Commit`] with the same id: a resend returns them again
+    /// instead of writing twice, and the swap counts as in flight.
     Swap {
         /// Location.
         at: Target,
+        /// Request id (0: none).
+        rid: u64,
         /// Bytes to write.
         data: &'a [u8],
     },
@@ -146,11 +150,13 @@ pub enum Request<'a> {
         /// Bytes to XOR in.
         data: &'a [u8],
     },
-    /// The parity updates of a [`Request::Swap`] on this slab are done (or
-    /// abandoned): one fewer write in flight. Accepted while frozen.
+    /// The parity updates of the [`Request::Swap`] with this request id
+    /// are done: the slab forgets it. Accepted while frozen; idempotent.
     Commit {
         /// The slab (offset ignored).
         at: Target,
+        /// The swap's request id.
+        rid: u64,
     },
     /// A batch of data operations; iterate with [`BatchOps`].
     Batch(BatchOps<'a>),
@@ -362,7 +368,12 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
         },
         op::SWAP => {
             let at = c.target()?;
-            return Ok(Request::Swap { at, data: c.rest() });
+            let rid = c.u64()?;
+            return Ok(Request::Swap {
+                at,
+                rid,
+                data: c.rest(),
+            });
         }
         op::XOR => {
             let at = c.target()?;
@@ -373,7 +384,10 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
                 data: c.rest(),
             });
         }
-        op::COMMIT => Request::Commit { at: c.target()? },
+        op::COMMIT => Request::Commit {
+            at: c.target()?,
+            rid: c.u64()?,
+        },
         op::BATCH => {
             let count = c.u32()?;
             if count > MAX_BATCH_OPS {
@@ -465,9 +479,10 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             out.extend_from_slice(&delta.to_le_bytes());
             out.extend_from_slice(&rid.to_le_bytes());
         }
-        Request::Swap { at, data } => {
-            put_header(out, id, op::SWAP, 24 + data.len());
+        Request::Swap { at, rid, data } => {
+            put_header(out, id, op::SWAP, 32 + data.len());
             put_target(out, at);
+            out.extend_from_slice(&rid.to_le_bytes());
             crate::copy::extend(out, data);
         }
         Request::Xor { at, rid, data } => {
@@ -476,9 +491,10 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             out.extend_from_slice(&rid.to_le_bytes());
             crate::copy::extend(out, data);
         }
-        Request::Commit { at } => {
-            put_header(out, id, op::COMMIT, 24);
+        Request::Commit { at, rid } => {
+            put_header(out, id, op::COMMIT, 32);
             put_target(out, at);
+            out.extend_from_slice(&rid.to_le_bytes());
         }
         Request::Batch(ops) => {
             put_header(out, id, op::BATCH, 4 + ops.body.len());
@@ -1018,9 +1034,9 @@ mod tests {
                 Request::Hello { version: 3, admin_key: a, session: b },
                 Request::Read { at, len },
                 Request::Write { at, data: &data },
-                Request::Swap { at, data: &data },
+                Request::Swap { at, rid: a, data: &data },
                 Request::Xor { at, rid: b, data: &data },
-                Request::Commit { at },
+                Request::Commit { at, rid: b },
                 Request::Cas { at, expected: a, new: b, rid: a ^ 1 },
                 Request::Faa { at, delta: a, rid: b },
                 Request::CreateSlab { slab: a, key: b },

@@ -6,10 +6,11 @@
 //! The table is sharded by (session, request id), so that unrelated
 //! requests do not wait for each other, and bounded: each shard keeps its
 //! most recent outcomes and forgets the oldest first, [`CAPACITY`] in all
-//! (about 24 MiB at most). A client resends within its request timeout
-//! (seconds); at a million at-most-once operations per second an entry
-//! lives about a quarter of a second per 256 Ki entries, so the capacity is
-//! sized for far more than this server's rate.
+//! A client resends within its failover timeout (10 s by default); an
+//! entry lives until a million later at-most-once operations on this server
+//! pushed it out, about 10 s at 100 000 per second, more than a server
+//! thread per connection sustains for one region's atomics and parity
+//! updates. A resend after that would be applied again.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -17,8 +18,8 @@ use std::hash::BuildHasher;
 use parking_lot::{Mutex, MutexGuard};
 
 /// Outcomes remembered over all shards (about 80 bytes each with the
-/// table's overhead).
-pub const CAPACITY: usize = 1 << 18;
+/// table's overhead: 80 MiB at most).
+pub const CAPACITY: usize = 1 << 20;
 const SHARDS: usize = 64;
 
 /// One shard: recent outcomes by (session, request id), oldest first.

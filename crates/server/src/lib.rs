@@ -675,8 +675,8 @@ fn handle(
                 Err(code) => put_error(out, id, code, &describe(code, &at)),
             }
         }
-        Request::Swap { at, data } => {
-            let r = pool.swap(&at, data, |old| {
+        Request::Swap { at, rid, data } => {
+            let r = pool.swap(&at, st.session, rid, data, |old| {
                 put_data_header(out, id, old.len());
                 remora_proto::copy::extend(out, old);
             });
@@ -690,7 +690,7 @@ fn handle(
                 Err(code) => put_error(out, id, code, &describe(code, &at)),
             }
         }
-        Request::Commit { at } => match pool.commit(&at) {
+        Request::Commit { at, rid } => match pool.commit(&at, st.session, rid) {
             Ok(()) => data::encode_reply(out, id, &Reply::Done),
             Err(code) => put_error(out, id, code, &describe(code, &at)),
         },

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use remora_proto::data::{ServerStats, Target};
@@ -26,14 +27,28 @@ struct Slab {
     data: RwLock<SlabData>,
 }
 
-/// A slab's bytes, whether it is frozen (being moved or rebuilt), and how
-/// many erasure-coded writes on it await their parity updates.
+/// A slab's bytes, whether it is frozen (being moved or rebuilt), and the
+/// erasure-coded writes on it that await their parity updates.
 #[derive(Debug)]
 struct SlabData {
     bytes: Box<[u8]>,
     frozen: bool,
-    swaps_in_flight: u64,
+    /// Swaps in flight by (session, request id): the bytes they replaced.
+    swaps: HashMap<(u64, u64), SwapRecord>,
 }
+
+/// A swap not yet committed.
+#[derive(Debug)]
+struct SwapRecord {
+    offset: u64,
+    old: Vec<u8>,
+    at: Instant,
+}
+
+/// Swaps in flight one slab may hold.
+pub const MAX_SWAPS: usize = 4096;
+/// A swap not committed after this long was abandoned by its client.
+pub const SWAP_TTL: Duration = Duration::from_secs(120);
 
 /// Counters shared by all connections.
 #[derive(Debug, Default)]
@@ -107,7 +122,7 @@ impl SlabPool {
                 data: RwLock::new(SlabData {
                     bytes: data,
                     frozen: false,
-                    swaps_in_flight: 0,
+                    swaps: HashMap::new(),
                 }),
             },
         );
@@ -201,22 +216,52 @@ impl SlabPool {
 
     /// Writes `bytes` at `at` and hands the bytes they replaced to `f`, in
     /// one step (erasure-coded writes derive their parity update from it).
+    /// With a request id (`rid != 0`) the replaced bytes are kept until
+    /// [`SlabPool::commit`]: a resend of the same swap gets them again and
+    /// writes nothing (even while the slab is frozen, so that a write in
+    /// flight can finish while a rebuild waits for it).
     pub fn swap<R>(
         &self,
         at: &Target,
+        session: u64,
+        rid: u64,
         bytes: &[u8],
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
         let mut data = slab.data.write();
+        let r = self.range(slab, at, bytes.len() as u64)?;
+        if rid != 0 {
+            if let Some(rec) = data.swaps.get(&(session, rid)) {
+                if rec.offset != at.offset || rec.old.len() != bytes.len() {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                return Ok(f(&rec.old));
+            }
+        }
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
-        let r = self.range(slab, at, bytes.len() as u64)?;
+        if rid != 0 {
+            if data.swaps.len() >= 64 {
+                data.swaps.retain(|_, rec| rec.at.elapsed() < SWAP_TTL);
+            }
+            if data.swaps.len() >= MAX_SWAPS {
+                return Err(ErrorCode::OutOfCapacity);
+            }
+            let old = data.bytes[r.clone()].to_vec();
+            data.swaps.insert(
+                (session, rid),
+                SwapRecord {
+                    offset: at.offset,
+                    old,
+                    at: Instant::now(),
+                },
+            );
+        }
         let out = f(&data.bytes[r.clone()]);
         remora_proto::copy::copy(&mut data.bytes[r], bytes);
-        data.swaps_in_flight += 1;
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         self.counters
             .bytes_written
@@ -242,15 +287,15 @@ impl SlabPool {
         Ok(())
     }
 
-    /// Ends a swap on slab `at.slab` (its parity updates are done).
-    pub fn commit(&self, at: &Target) -> Result<(), ErrorCode> {
+    /// Ends the swap `(session, rid)` on slab `at.slab` (its parity updates
+    /// are done); a no-op if it is not in flight.
+    pub fn commit(&self, at: &Target, session: u64, rid: u64) -> Result<(), ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
         if slab.key != at.key {
             return Err(ErrorCode::BadCapability);
         }
-        let mut data = slab.data.write();
-        data.swaps_in_flight = data.swaps_in_flight.saturating_sub(1);
+        slab.data.write().swaps.remove(&(session, rid));
         Ok(())
     }
 
@@ -260,7 +305,8 @@ impl SlabPool {
         let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
         let mut data = slab.data.write();
         data.frozen = true;
-        Ok(data.swaps_in_flight)
+        data.swaps.retain(|_, rec| rec.at.elapsed() < SWAP_TTL);
+        Ok(data.swaps.len() as u64)
     }
 
     /// Compare-and-swap; returns the previous value (equal to `expected` on success).
@@ -415,11 +461,23 @@ mod tests {
         let p = SlabPool::new(8192, 4096);
         p.create(1, 7).unwrap();
         p.write(&at(1, 7, 10), &[1, 2, 3]).unwrap();
-        let old = p.swap(&at(1, 7, 9), &[9, 9, 9, 9], |b| b.to_vec()).unwrap();
+        let old = p
+            .swap(&at(1, 7, 9), 5, 1, &[9, 9, 9, 9], |b| b.to_vec())
+            .unwrap();
         assert_eq!(old, vec![0, 1, 2, 3]);
         assert_eq!(p.freeze(1), Ok(1));
+        // A resend returns the first answer and writes nothing, even frozen.
+        let again = p
+            .swap(&at(1, 7, 9), 5, 1, &[7, 7, 7, 7], |b| b.to_vec())
+            .unwrap();
+        assert_eq!(again, vec![0, 1, 2, 3]);
+        assert_eq!(
+            p.swap(&at(1, 7, 9), 5, 2, &[7], |_| ()),
+            Err(ErrorCode::SlabFrozen)
+        );
         p.xor(&at(1, 7, 9), &[1, 1, 1, 1]).unwrap();
-        p.commit(&at(1, 7, 0)).unwrap();
+        p.commit(&at(1, 7, 0), 5, 1).unwrap();
+        p.commit(&at(1, 7, 0), 5, 1).unwrap();
         assert_eq!(p.freeze(1), Ok(0));
         p.set_frozen(1, false).unwrap();
         let mut got = Vec::new();
@@ -428,7 +486,7 @@ mod tests {
         assert_eq!(got, vec![8, 8, 8, 8]);
         assert_eq!(p.xor(&at(1, 8, 0), &[1]), Err(ErrorCode::BadCapability));
         assert_eq!(
-            p.swap(&at(1, 7, 4095), &[1, 2], |_| ()),
+            p.swap(&at(1, 7, 4095), 5, 3, &[1, 2], |_| ()),
             Err(ErrorCode::OutOfRange)
         );
         p.rekey(1, 99).unwrap();
