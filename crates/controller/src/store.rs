@@ -107,6 +107,11 @@ const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const REGIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("regions");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
+/// Layout of the stored records (postcard is not self-describing, so a
+/// store written by another layout must be refused, not misread). 2: region
+/// maps with redundancy and lost/restored flags.
+pub const SCHEMA: u64 = 2;
+
 /// The embedded, file-backed store.
 #[derive(Debug)]
 pub struct RedbStore {
@@ -123,8 +128,29 @@ impl RedbStore {
         let w = db.begin_write().map_err(err)?;
         {
             w.open_table(TENANTS).map_err(err)?;
-            w.open_table(REGIONS).map_err(err)?;
-            w.open_table(COUNTERS).map_err(err)?;
+            let regions = {
+                w.open_table(REGIONS)
+                    .map_err(err)?
+                    .iter()
+                    .map_err(err)?
+                    .next()
+                    .is_some()
+            };
+            let mut c = w.open_table(COUNTERS).map_err(err)?;
+            let schema = c.get("schema").map_err(err)?.map(|v| v.value());
+            match schema {
+                Some(SCHEMA) => {}
+                None if !regions => {
+                    c.insert("schema", SCHEMA).map_err(err)?;
+                }
+                other => {
+                    return Err(err(format!(
+                        "{} was written by another version of Remora (store schema {}, this one reads {SCHEMA}); start with an empty --data-dir",
+                        path.display(),
+                        other.map_or("1".to_string(), |v| v.to_string())
+                    )))
+                }
+            }
         }
         w.commit().map_err(err)?;
         Ok(RedbStore { db })
@@ -289,6 +315,20 @@ mod tests {
         assert_eq!(snap.regions.len(), 1);
         assert_eq!(snap.regions[&2], region(2));
         assert_eq!((snap.next_region, snap.next_slab), (3, 9));
+    }
+
+    #[test]
+    fn a_store_of_another_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = RedbStore::open(dir.path()).unwrap();
+            s.put_region(&region(1), 2, 7).unwrap();
+            let w = s.db.begin_write().unwrap();
+            w.open_table(COUNTERS).unwrap().insert("schema", 1).unwrap();
+            w.commit().unwrap();
+        }
+        let e = RedbStore::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("another version"), "{e}");
     }
 
     #[test]
