@@ -133,6 +133,17 @@ pub enum ClientError {
         /// Which slab, and why.
         detail: String,
     },
+    /// An atomic was sent, its reply was lost, and the copy that may have
+    /// applied it is gone: it may or may not have taken effect.
+    #[error("region {region}: the outcome of the atomic at offset {offset} is unknown ({detail})")]
+    OutcomeUnknown {
+        /// Region id.
+        region: u64,
+        /// Offset of the word.
+        offset: u64,
+        /// Why.
+        detail: String,
+    },
     /// The operation is not available on this region.
     #[error("region {region}: {what}")]
     Unsupported {

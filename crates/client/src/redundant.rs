@@ -94,6 +94,9 @@ enum Stage {
         swap_rid: u64,
         xors: Vec<(usize, u64, u64, Vec<u8>)>,
     },
+    /// The parity has the write but the data slab holding it was lost and
+    /// rebuilt: put the bytes into the rebuilt slab.
+    Placing,
 }
 
 /// A request on its way. Dropped before its reply is taken, it is abandoned.
@@ -633,50 +636,85 @@ impl Region {
             let loc = &map.slabs[p.slab];
             let (a, b) = erasure::align(p.off, p.len as u64, map.slab_size);
             let timeout = self.inner.opts.request_timeout;
-            if loc.lost {
+            let lost_group = || {
                 let lost = map
                     .group_of(p.slab)
                     .into_iter()
                     .filter(|&i| piece(map, i).lost)
                     .count();
                 if lost > m {
-                    return Err(self.group_lost(map, p.slab, p.off));
+                    self.group_lost(map, p.slab, p.off)
+                } else {
+                    self.rebuilding(loc, p.slab)
                 }
-                return Err(self.rebuilding(loc, p.slab));
-            }
-            let _lock = self.stripes[stripe % STRIPE_LOCKS].read();
+            };
+            let shared = self.stripes[stripe % STRIPE_LOCKS].read();
+            // Placing bytes without a parity change must not interleave
+            // with this client's other writes to the stripe.
+            let exclusive = |shared| {
+                drop(shared);
+                self.stripes[stripe % STRIPE_LOCKS].write()
+            };
             let mut swap_rid = None;
             match std::mem::replace(&mut stage, Stage::Fresh) {
                 Stage::Fresh => {}
-                // Resent with its request id: the slab answers with the
-                // bytes the first one replaced, and writes nothing twice.
-                Stage::Swapping { slab, rid } if slab == loc.slab => swap_rid = Some(rid),
-                // The data slab was rebuilt from parity, which never saw
-                // this write: start over.
-                Stage::Swapping { .. } => {}
+                Stage::Swapping { slab, rid } => {
+                    if loc.slab == slab && !loc.lost {
+                        // Resent with its request id: the slab answers with
+                        // the bytes the first one replaced, writing nothing
+                        // twice.
+                        swap_rid = Some(rid);
+                    } else if loc.lost {
+                        // The slab died with the swap's record, and its
+                        // parity never saw the change: once it is rebuilt,
+                        // start over.
+                        return Err(lost_group());
+                    }
+                }
                 Stage::Parity {
                     data_slab,
                     swap_rid,
                     xors,
-                } if data_slab == loc.slab => {
-                    return self.finish_parity(map, stripe, m, a, loc, swap_rid, xors, &mut stage);
-                }
-                Stage::Parity { .. } => {
-                    // The data slab was rebuilt meanwhile, from a stripe the
-                    // rebuild found consistent: it holds this write (every
-                    // parity has it) or the bytes before it (none has).
-                    let req = Request::Read {
-                        at: at(loc, p.off),
-                        len: p.len as u32,
-                    };
-                    let now = recv(self.send_to(loc, &req, timeout)?, |r| match r {
-                        Reply::Data(d) => Some(d == bytes),
-                        _ => None,
-                    })?;
-                    if now {
+                } => {
+                    // The data took the write: finish the parity updates
+                    // whatever became of the data slab since.
+                    self.finish_parity(
+                        map,
+                        stripe,
+                        m,
+                        a,
+                        xors,
+                        |left| Stage::Parity {
+                            data_slab,
+                            swap_rid,
+                            xors: left,
+                        },
+                        &mut stage,
+                    )?;
+                    if loc.slab == data_slab && !loc.lost {
+                        self.commit(loc, swap_rid);
                         return Ok(());
                     }
+                    // The data slab was lost (with the swap's record): the
+                    // parity has the write; the rebuilt slab must get it too.
+                    stage = Stage::Placing;
+                    if loc.lost {
+                        return Err(lost_group());
+                    }
+                    let _x = exclusive(shared);
+                    return self.place(loc, p, bytes, &mut stage);
                 }
+                Stage::Placing => {
+                    stage = Stage::Placing;
+                    if loc.lost {
+                        return Err(lost_group());
+                    }
+                    let _x = exclusive(shared);
+                    return self.place(loc, p, bytes, &mut stage);
+                }
+            }
+            if loc.lost {
+                return Err(lost_group());
             }
             let rid = swap_rid.unwrap_or_else(|| self.inner.next_rid());
             let swap = Request::Swap {
@@ -722,14 +760,69 @@ impl Region {
                     }
                 }
             }
-            self.finish_parity(map, stripe, m, a, loc, rid, xors, &mut stage)
+            let data_slab = loc.slab;
+            self.finish_parity(
+                map,
+                stripe,
+                m,
+                a,
+                xors,
+                |left| Stage::Parity {
+                    data_slab,
+                    swap_rid: rid,
+                    xors: left,
+                },
+                &mut stage,
+            )?;
+            self.commit(loc, rid);
+            Ok(())
         })
     }
 
+    /// Puts a write's bytes into a data slab rebuilt while the write was in
+    /// flight, whose parity already has the write: a plain write, no parity
+    /// change (unless the rebuild already decoded the bytes).
+    fn place(
+        &self,
+        loc: &SlabLoc,
+        p: &Piece,
+        bytes: &[u8],
+        stage: &mut Stage,
+    ) -> Result<(), Attempt> {
+        let timeout = self.inner.opts.request_timeout;
+        let req = Request::Read {
+            at: at(loc, p.off),
+            len: p.len as u32,
+        };
+        let there = recv(self.send_to(loc, &req, timeout)?, |r| match r {
+            Reply::Data(d) => Some(d == bytes),
+            _ => None,
+        })?;
+        if !there {
+            let req = Request::Write {
+                at: at(loc, p.off),
+                data: bytes,
+            };
+            recv(self.send_to(loc, &req, timeout)?, done)?;
+        }
+        *stage = Stage::Fresh;
+        Ok(())
+    }
+
+    /// Ends a swap (the parity has it). Nobody waits for the reply: a
+    /// commit lost with its connection only keeps a later rebuild of the
+    /// stripe waiting until the swap's record expires.
+    fn commit(&self, loc: &SlabLoc, swap_rid: u64) {
+        let commit = Request::Commit {
+            at: at(loc, 0),
+            rid: swap_rid,
+        };
+        drop(self.send_to(loc, &commit, self.inner.opts.request_timeout));
+    }
+
     /// Sends a write's parity updates (each with its request id, so a
-    /// resend applies once) and commits the swap once all are answered.
-    /// On failure the write stays in flight (a rebuild of the stripe waits
-    /// for it) and `stage` says what is left.
+    /// resend applies once). On failure, `stage` becomes `again(the updates
+    /// left)`; the swap is not committed, so a rebuild of the stripe waits.
     #[allow(clippy::too_many_arguments)]
     fn finish_parity(
         &self,
@@ -737,9 +830,8 @@ impl Region {
         stripe: usize,
         m: usize,
         a: u64,
-        loc: &SlabLoc,
-        swap_rid: u64,
         xors: Vec<(usize, u64, u64, Vec<u8>)>,
+        again: impl FnOnce(Vec<(usize, u64, u64, Vec<u8>)>) -> Stage,
         stage: &mut Stage,
     ) -> Result<(), Attempt> {
         let timeout = self.inner.opts.request_timeout.min(PARITY_DEADLINE);
@@ -749,7 +841,7 @@ impl Region {
         for x in xors {
             let ploc = &map.extra[stripe * m + x.0];
             if ploc.lost || ploc.slab != x.2 {
-                // Rebuilt from the data, which has this write.
+                // Lost, or rebuilt from the data, which has this write.
                 continue;
             }
             let req = Request::Xor {
@@ -771,23 +863,13 @@ impl Region {
                 left.push(x);
             }
         }
-        if let Some(e) = failed {
-            *stage = Stage::Parity {
-                data_slab: loc.slab,
-                swap_rid,
-                xors: left,
-            };
-            return Err(e);
+        match failed {
+            Some(e) => {
+                *stage = again(left);
+                Err(e)
+            }
+            None => Ok(()),
         }
-        // Nobody waits for the commit's reply: the parity is in, and a
-        // commit lost with its connection only keeps a later rebuild of the
-        // stripe waiting for the swap's record to expire.
-        let commit = Request::Commit {
-            at: at(loc, 0),
-            rid: swap_rid,
-        };
-        drop(self.send_to(loc, &commit, self.inner.opts.request_timeout));
-        Ok(())
     }
 
     fn rebuilding(&self, loc: &SlabLoc, slab: usize) -> Attempt {
@@ -823,13 +905,9 @@ impl Region {
         }
         let timeout = self.inner.opts.request_timeout;
         // 1. The primary orders the atomic.
-        // An attempt without a reply may have been applied: a resend with
-        // the same request id to the same slab is applied once, and one to
-        // a former backup (the primary died), or to a primary rebuilt from
-        // the backups, finds a copy that never saw it; but a primary moved
-        // (copied) to another slab may hold it, so that outcome is reported
-        // unknown.
-        let mut unknown: Vec<(usize, u64)> = Vec::new();
+        // An attempt without a reply may have been applied: it is resent
+        // (same request id) only to the slab it went to.
+        let mut unknown: Vec<u64> = Vec::new();
         let (old, primary_slab) = self.settle(|map| {
             let slab = (offset / map.slab_size) as usize;
             let off = offset % map.slab_size;
@@ -841,27 +919,20 @@ impl Region {
                 return Err(self.group_lost(map, slab, off));
             };
             let primary = piece(map, index);
-            // Safe to send: nothing was left unanswered; or this very slab
-            // was tried (its server applies a request id once); or it is a
-            // copy none of the tried slabs could have been copied into (an
-            // original backup at another place, or a slab rebuilt where only
-            // the dead primary was tried, from backups never tried).
-            let safe = unknown.is_empty()
-                || unknown.iter().any(|&(_, s)| s == primary.slab)
-                || (!primary.restored && unknown.iter().all(|&(i, _)| i != index))
-                || (primary.restored && unknown.len() == 1 && unknown[0].0 == index);
-            if !safe {
-                return Err(Attempt {
-                    err: ClientError::Remote {
-                        addr: primary.addr.clone(),
-                        code: ErrorCode::ServerUnavailable,
-                        message: format!(
-                            "region {}: the outcome of an atomic at offset {offset} is unknown: the copies it may have reached were replaced while its replies were lost",
-                            self.id
-                        ),
-                    },
-                    sent: true,
-                });
+            // Safe to send: nothing was left unanswered, or this very slab
+            // was tried (its server applies a request id once). Any other
+            // copy may hold the attempt already (a backup repaired from the
+            // primary by another client's atomic, or a copy rebuilt from
+            // one): the outcome is unknown.
+            if !unknown.is_empty() && !unknown.contains(&primary.slab) {
+                return Err(unsent(ClientError::OutcomeUnknown {
+                    region: self.id,
+                    offset,
+                    detail: format!(
+                        "its reply was lost and the copy that may have applied it was replaced; {} is now the first copy",
+                        primary.addr
+                    ),
+                }));
             }
             let s = self.send_to(primary, &make(at(primary, off), rid), timeout)?;
             let v = recv(s, |r| match r {
@@ -869,8 +940,8 @@ impl Region {
                 _ => None,
             })
             .inspect_err(|a| {
-                if a.err.is_unavailable() && !unknown.contains(&(index, primary.slab)) {
-                    unknown.push((index, primary.slab));
+                if a.err.is_unavailable() && !unknown.contains(&primary.slab) {
+                    unknown.push(primary.slab);
                 }
             })?;
             Ok((v, primary.slab))

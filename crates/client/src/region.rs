@@ -481,13 +481,10 @@ impl Region {
             if let (Some(prev), Some(loc)) = (tried.get(), map.slabs.get(slab)) {
                 if prev != loc.slab {
                     return Err(Attempt {
-                        err: ClientError::Remote {
-                            addr: loc.addr.clone(),
-                            code: ErrorCode::ServerUnavailable,
-                            message: format!(
-                                "region {}: the outcome of an atomic at offset {offset} is unknown: its slab moved while the reply was lost",
-                                self.id
-                            ),
+                        err: ClientError::OutcomeUnknown {
+                            region: self.id,
+                            offset,
+                            detail: "its reply was lost and its slab moved or was lost".into(),
                         },
                         sent: true,
                     });

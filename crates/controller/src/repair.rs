@@ -10,12 +10,16 @@
 //! A rebuild thread then restores each lost slab of a redundant region, one
 //! at a time: it picks a live server outside the slab's group, creates the
 //! new slab there, freezes the group's surviving slabs (clients get
-//! `SlabFrozen` and wait, so nothing changes under the copy), copies a
-//! replica or decodes the slab from `k` survivors in 1 MiB chunks at no
-//! more than `rebuild_rate`, switches the map to the new slab and gives the
+//! `SlabFrozen` and wait, so nothing changes under the copy), waits for the
+//! erasure-coded writes in flight on them to commit (trying again later if
+//! they do not within 5 s), copies a replica or decodes the slab from `k`
+//! survivors (checking the decode against every other survivor: a
+//! disagreement means a write is half-way, and the rebuild is tried again
+//! later) in chunks, switches the map to the new slab and gives the
 //! survivors new capability keys (so that a client with the old map cannot
-//! write the old group), and thaws them. A failed step is undone and the
-//! slab is tried again later.
+//! write the old group), and thaws them. Pacing to `rebuild_rate` happens
+//! between slabs, so a group is frozen only while its slab is copied. A
+//! failed step is undone and the slab is tried again later.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -318,8 +322,12 @@ impl Inner {
         let drain_started = Instant::now();
         while in_flight.iter().any(|&n| n > 0) {
             if drain_started.elapsed() > DRAIN_TIMEOUT {
-                warn!("region {region}: writes in flight on slab {index}'s stripe did not finish within {DRAIN_TIMEOUT:?} (a client died mid-write?); rebuilding anyway");
-                break;
+                // Try again later (records of abandoned writes expire).
+                undo(&frozen, true);
+                return Err((
+                    ErrorCode::SlabFrozen,
+                    format!("writes in flight on slab {index}'s stripe did not finish within {DRAIN_TIMEOUT:?}"),
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
             for (n, (_, l)) in in_flight.iter_mut().zip(&survivors) {
@@ -493,12 +501,13 @@ impl Inner {
             _ => None,
         };
         // Data pieces first: decoding from data needs no arithmetic. With
-        // erasure coding, one more survivor when there is one, to check the
-        // decode against.
+        // erasure coding, every other survivor too, to check the decode
+        // against.
         let mut sources: Vec<&(usize, SlabLoc)> = survivors.iter().collect();
         sources.sort_by_key(|(i, _)| *i >= map.slabs.len());
-        let spare = codec.is_some() && sources.len() > needed;
-        sources.truncate(needed + usize::from(spare));
+        if codec.is_none() {
+            sources.truncate(needed);
+        }
         let involved: Vec<u64> = sources
             .iter()
             .map(|(_, l)| l.server_id)
@@ -519,12 +528,12 @@ impl Inner {
                     let (k, m) = (c.data(), c.parity());
                     let mut data: Vec<Option<Vec<u8>>> = vec![None; k];
                     let mut parity: Vec<Option<Vec<u8>>> = vec![None; m];
-                    let mut check = None;
+                    let mut checks = Vec::new();
                     for (n, (i, l)) in sources.iter().enumerate() {
                         let b = self.admin_read(l.server_id, l.slab, off, len as u32)?;
                         moved += len;
-                        if n == needed {
-                            check = Some((*i, b));
+                        if n >= needed {
+                            checks.push((*i, b));
                             continue;
                         }
                         match role(map, *i) {
@@ -553,12 +562,17 @@ impl Inner {
                         c.encode(&refs)
                             .map_err(|e| (ErrorCode::Internal, e.to_string()))
                     };
-                    if let Some((i, b)) = &check {
+                    let parity = if checks.is_empty() {
+                        Vec::new()
+                    } else {
+                        encode(&full)?
+                    };
+                    for (i, b) in &checks {
                         let expected = match role(map, *i) {
-                            Role::Data(d) => full[d].clone(),
-                            Role::Parity(p) => encode(&full)?.swap_remove(p),
+                            Role::Data(d) => &full[d],
+                            Role::Parity(p) => &parity[p],
                         };
-                        if expected != *b {
+                        if expected != b {
                             // A write is half-way through (or was abandoned
                             // half-way): decoding now would be wrong.
                             return Err((
@@ -569,17 +583,10 @@ impl Inner {
                     }
                     match role(map, index) {
                         Role::Data(d) => full[d].clone(),
-                        Role::Parity(p) => {
-                            let refs: Vec<Option<&[u8]>> = full
-                                .iter()
-                                .enumerate()
-                                .map(|(d, s)| (!zeros[d]).then_some(&s[..]))
-                                .collect();
-                            let mut ps = c
-                                .encode(&refs)
-                                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-                            ps.swap_remove(p)
-                        }
+                        Role::Parity(p) => match parity.get(p) {
+                            Some(v) => v.clone(),
+                            None => encode(&full)?.swap_remove(p),
+                        },
                     }
                 }
             };

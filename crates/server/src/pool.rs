@@ -41,7 +41,9 @@ struct SlabData {
 #[derive(Debug)]
 struct SwapRecord {
     offset: u64,
-    old: Vec<u8>,
+    /// The replaced bytes; `None` once committed (kept until the TTL so
+    /// that a late duplicate of the swap is refused, not applied).
+    old: Option<Vec<u8>>,
     at: Instant,
 }
 
@@ -234,10 +236,11 @@ impl SlabPool {
         let r = self.range(slab, at, bytes.len() as u64)?;
         if rid != 0 {
             if let Some(rec) = data.swaps.get(&(session, rid)) {
-                if rec.offset != at.offset || rec.old.len() != bytes.len() {
-                    return Err(ErrorCode::InvalidArgument);
-                }
-                return Ok(f(&rec.old));
+                return match &rec.old {
+                    Some(old) if rec.offset == at.offset && old.len() == bytes.len() => Ok(f(old)),
+                    // Committed already, or another request under its id.
+                    _ => Err(ErrorCode::InvalidArgument),
+                };
             }
         }
         if data.frozen {
@@ -255,7 +258,7 @@ impl SlabPool {
                 (session, rid),
                 SwapRecord {
                     offset: at.offset,
-                    old,
+                    old: Some(old),
                     at: Instant::now(),
                 },
             );
@@ -289,13 +292,16 @@ impl SlabPool {
 
     /// Ends the swap `(session, rid)` on slab `at.slab` (its parity updates
     /// are done); a no-op if it is not in flight.
+    ///
+    /// Not checked against the slab's key: the (session, request id) pair
+    /// names the swap, and a commit that went out just before a rebuild
+    /// rekeyed the slab must still end it.
     pub fn commit(&self, at: &Target, session: u64, rid: u64) -> Result<(), ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
-        if slab.key != at.key {
-            return Err(ErrorCode::BadCapability);
+        if let Some(rec) = slab.data.write().swaps.get_mut(&(session, rid)) {
+            rec.old = None;
         }
-        slab.data.write().swaps.remove(&(session, rid));
         Ok(())
     }
 
@@ -306,7 +312,7 @@ impl SlabPool {
         let mut data = slab.data.write();
         data.frozen = true;
         data.swaps.retain(|_, rec| rec.at.elapsed() < SWAP_TTL);
-        Ok(data.swaps.len() as u64)
+        Ok(data.swaps.values().filter(|r| r.old.is_some()).count() as u64)
     }
 
     /// Compare-and-swap; returns the previous value (equal to `expected` on success).
@@ -479,6 +485,11 @@ mod tests {
         p.commit(&at(1, 7, 0), 5, 1).unwrap();
         p.commit(&at(1, 7, 0), 5, 1).unwrap();
         assert_eq!(p.freeze(1), Ok(0));
+        // A late duplicate of a committed swap is refused, not applied.
+        assert_eq!(
+            p.swap(&at(1, 7, 9), 5, 1, &[7, 7, 7, 7], |_| ()),
+            Err(ErrorCode::InvalidArgument)
+        );
         p.set_frozen(1, false).unwrap();
         let mut got = Vec::new();
         p.read(&at(1, 7, 9), 4, |b| got.extend_from_slice(b))
