@@ -44,7 +44,9 @@
 //!   leaves the range's parity stale (the classic write hole); degraded
 //!   reads and rebuilds that can check against a spare piece then refuse
 //!   that range rather than decode it wrongly, and with M servers lost
-//!   there is no spare to check against.
+//!   there is no spare to check against. Likewise, while a write whose
+//!   data slab died is being finished on the rebuilt slab, another
+//!   client's write to the same bytes can leave that range inconsistent.
 //! * Atomics are refused ([`ClientError::Unsupported`]): use a replicated
 //!   region for words that need them.
 //!

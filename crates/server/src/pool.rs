@@ -33,8 +33,13 @@ struct Slab {
 struct SlabData {
     bytes: Box<[u8]>,
     frozen: bool,
-    /// Swaps in flight by (session, request id): the bytes they replaced.
+    /// Swaps by (session, request id): in flight (the bytes they replaced)
+    /// or committed (a marker that refuses a late duplicate).
     swaps: HashMap<(u64, u64), SwapRecord>,
+    /// Committed markers, oldest first (at most [`MAX_MARKERS`]).
+    markers: std::collections::VecDeque<(u64, u64)>,
+    /// When expired records were last swept.
+    swept: Instant,
 }
 
 /// A swap not yet committed.
@@ -49,6 +54,8 @@ struct SwapRecord {
 
 /// Swaps in flight one slab may hold.
 pub const MAX_SWAPS: usize = 4096;
+/// Committed swaps one slab remembers (to refuse late duplicates).
+pub const MAX_MARKERS: usize = 1024;
 /// A swap not committed after this long was abandoned by its client.
 pub const SWAP_TTL: Duration = Duration::from_secs(120);
 
@@ -125,6 +132,8 @@ impl SlabPool {
                     bytes: data,
                     frozen: false,
                     swaps: HashMap::new(),
+                    markers: Default::default(),
+                    swept: Instant::now(),
                 }),
             },
         );
@@ -247,10 +256,14 @@ impl SlabPool {
             return Err(ErrorCode::SlabFrozen);
         }
         if rid != 0 {
-            if data.swaps.len() >= 64 {
+            if data.swept.elapsed() > Duration::from_secs(1) {
                 data.swaps.retain(|_, rec| rec.at.elapsed() < SWAP_TTL);
+                data.swept = Instant::now();
             }
-            if data.swaps.len() >= MAX_SWAPS {
+            // Markers are bounded on their own; only writes in flight count.
+            if data.swaps.len() - data.markers.len().min(data.swaps.len()) >= MAX_SWAPS
+                && data.swaps.values().filter(|r| r.old.is_some()).count() >= MAX_SWAPS
+            {
                 return Err(ErrorCode::OutOfCapacity);
             }
             let old = data.bytes[r.clone()].to_vec();
@@ -299,8 +312,19 @@ impl SlabPool {
     pub fn commit(&self, at: &Target, session: u64, rid: u64) -> Result<(), ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
-        if let Some(rec) = slab.data.write().swaps.get_mut(&(session, rid)) {
-            rec.old = None;
+        let mut data = slab.data.write();
+        let data = &mut *data;
+        if let Some(rec) = data.swaps.get_mut(&(session, rid)) {
+            if rec.old.take().is_some() {
+                data.markers.push_back((session, rid));
+                while data.markers.len() > MAX_MARKERS {
+                    if let Some(k) = data.markers.pop_front() {
+                        if data.swaps.get(&k).is_some_and(|r| r.old.is_none()) {
+                            data.swaps.remove(&k);
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -490,6 +514,14 @@ mod tests {
             p.swap(&at(1, 7, 9), 5, 1, &[7, 7, 7, 7], |_| ()),
             Err(ErrorCode::InvalidArgument)
         );
+        // Committed swaps never use up the room for writes in flight.
+        p.set_frozen(1, false).unwrap();
+        for rid in 100..100 + (MAX_SWAPS + MAX_MARKERS) as u64 * 2 {
+            p.swap(&at(1, 7, 0), 5, rid, &[1], |_| ()).unwrap();
+            p.commit(&at(1, 7, 0), 5, rid).unwrap();
+        }
+        assert_eq!(p.freeze(1), Ok(0));
+        p.set_frozen(1, false).unwrap();
         p.set_frozen(1, false).unwrap();
         let mut got = Vec::new();
         p.read(&at(1, 7, 9), 4, |b| got.extend_from_slice(b))
