@@ -40,6 +40,10 @@ struct SlabData {
     markers: std::collections::VecDeque<(u64, u64)>,
     /// When expired records were last swept.
     swept: Instant,
+    /// Bytes held by records of swaps in flight (at most twice the slab's
+    /// size, so a client cannot make the server hold more than that per
+    /// slab of its own).
+    record_bytes: usize,
 }
 
 /// A swap not yet committed.
@@ -134,6 +138,7 @@ impl SlabPool {
                     swaps: HashMap::new(),
                     markers: Default::default(),
                     swept: Instant::now(),
+                    record_bytes: 0,
                 }),
             },
         );
@@ -257,8 +262,12 @@ impl SlabPool {
         }
         if rid != 0 {
             if data.swept.elapsed() > Duration::from_secs(1) {
-                data.swaps.retain(|_, rec| rec.at.elapsed() < SWAP_TTL);
-                data.swept = Instant::now();
+                sweep(&mut data);
+            }
+            if data.record_bytes + bytes.len() > 2 * self.slab_size as usize {
+                // Refused, nothing applied: the client retries once the
+                // writes in flight on this slab commit.
+                return Err(ErrorCode::SlabFrozen);
             }
             // Markers are bounded on their own; only writes in flight count.
             if data.swaps.len() - data.markers.len().min(data.swaps.len()) >= MAX_SWAPS
@@ -267,6 +276,7 @@ impl SlabPool {
                 return Err(ErrorCode::OutOfCapacity);
             }
             let old = data.bytes[r.clone()].to_vec();
+            data.record_bytes += old.len();
             data.swaps.insert(
                 (session, rid),
                 SwapRecord {
@@ -315,7 +325,8 @@ impl SlabPool {
         let mut data = slab.data.write();
         let data = &mut *data;
         if let Some(rec) = data.swaps.get_mut(&(session, rid)) {
-            if rec.old.take().is_some() {
+            if let Some(old) = rec.old.take() {
+                data.record_bytes -= old.len();
                 data.markers.push_back((session, rid));
                 while data.markers.len() > MAX_MARKERS {
                     if let Some(k) = data.markers.pop_front() {
@@ -335,7 +346,7 @@ impl SlabPool {
         let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
         let mut data = slab.data.write();
         data.frozen = true;
-        data.swaps.retain(|_, rec| rec.at.elapsed() < SWAP_TTL);
+        sweep(&mut data);
         Ok(data.swaps.values().filter(|r| r.old.is_some()).count() as u64)
     }
 
@@ -428,6 +439,17 @@ impl SlabPool {
     }
 }
 
+/// Forgets swap records older than [`SWAP_TTL`].
+fn sweep(data: &mut SlabData) {
+    data.swaps.retain(|_, rec| rec.at.elapsed() < SWAP_TTL);
+    data.record_bytes = data
+        .swaps
+        .values()
+        .filter_map(|r| r.old.as_ref().map(Vec::len))
+        .sum();
+    data.swept = Instant::now();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,6 +536,19 @@ mod tests {
             p.swap(&at(1, 7, 9), 5, 1, &[7, 7, 7, 7], |_| ()),
             Err(ErrorCode::InvalidArgument)
         );
+        // Uncommitted records hold at most twice the slab's size.
+        p.set_frozen(1, false).unwrap();
+        let big = vec![3u8; 3000];
+        p.swap(&at(1, 7, 1000), 6, 1, &big, |_| ()).unwrap();
+        p.swap(&at(1, 7, 1000), 6, 2, &big, |_| ()).unwrap();
+        assert_eq!(
+            p.swap(&at(1, 7, 1000), 6, 3, &big, |_| ()),
+            Err(ErrorCode::SlabFrozen)
+        );
+        p.commit(&at(1, 7, 1000), 6, 1).unwrap();
+        p.swap(&at(1, 7, 1000), 6, 3, &big, |_| ()).unwrap();
+        p.commit(&at(1, 7, 1000), 6, 2).unwrap();
+        p.commit(&at(1, 7, 1000), 6, 3).unwrap();
         // Committed swaps never use up the room for writes in flight.
         p.set_frozen(1, false).unwrap();
         for rid in 100..100 + (MAX_SWAPS + MAX_MARKERS) as u64 * 2 {
