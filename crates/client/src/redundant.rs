@@ -130,6 +130,17 @@ fn recv<T>(mut s: Sent, f: impl FnOnce(Reply<'_>) -> Option<T>) -> Result<T, Att
     r.and_then(|x| x).map_err(Attempt::from)
 }
 
+/// Waits for a DATA reply of exactly `out.len()` bytes and copies it in.
+fn recv_into(s: Sent, out: &mut [u8]) -> Result<(), Attempt> {
+    recv(s, |r| match r {
+        Reply::Data(d) if d.len() == out.len() => {
+            remora_proto::copy::copy(out, d);
+            Some(())
+        }
+        _ => None,
+    })
+}
+
 fn done(r: Reply<'_>) -> Option<()> {
     matches!(r, Reply::Done).then_some(())
 }
@@ -378,15 +389,7 @@ impl Region {
             }
             for (p, s) in plan.iter().zip(sent) {
                 let out = &mut buf[p.buf_off..p.buf_off + p.len];
-                let got = s.map(|s| {
-                    recv(s, |r| match r {
-                        Reply::Data(d) if d.len() == out.len() => {
-                            remora_proto::copy::copy(out, d);
-                            Some(())
-                        }
-                        _ => None,
-                    })
-                });
+                let got = s.map(|s| recv_into(s, out));
                 match got {
                     Some(Ok(())) => {}
                     Some(Err(a)) if !transient(&a.err) => return Err(a),
@@ -420,15 +423,9 @@ impl Region {
                         at: at(loc, p.off),
                         len: p.len as u32,
                     };
-                    let r = self.send_to(loc, &req, within).and_then(|s| {
-                        recv(s, |r| match r {
-                            Reply::Data(d) if d.len() == out.len() => {
-                                remora_proto::copy::copy(out, d);
-                                Some(())
-                            }
-                            _ => None,
-                        })
-                    });
+                    let r = self
+                        .send_to(loc, &req, within)
+                        .and_then(|s| recv_into(s, out));
                     match r {
                         Ok(()) => return Ok(()),
                         Err(a) => last = Some(a),
@@ -442,15 +439,7 @@ impl Region {
                     len: p.len as u32,
                 };
                 self.send_to(loc, &req, self.inner.opts.request_timeout)
-                    .and_then(|s| {
-                        recv(s, |r| match r {
-                            Reply::Data(d) if d.len() == out.len() => {
-                                remora_proto::copy::copy(out, d);
-                                Some(())
-                            }
-                            _ => None,
-                        })
-                    })
+                    .and_then(|s| recv_into(s, out))
                     .map_err(|a| last.unwrap_or(a))
             }
         }

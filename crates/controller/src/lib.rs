@@ -845,15 +845,7 @@ impl Inner {
                     ));
                 }
             }
-            let cands: Vec<Candidate> = st
-                .servers
-                .iter()
-                .filter(|(_, s)| s.usable())
-                .map(|(id, s)| Candidate {
-                    id: *id,
-                    free: s.free(),
-                })
-                .collect();
+            let cands = candidates(st, &[]);
             let (groups, width) = match redundancy {
                 Redundancy::None => (n, 1),
                 Redundancy::Replicate(c) => (n, c as usize),
@@ -1104,15 +1096,7 @@ impl Inner {
                     .filter(|(id, free)| !group.contains(id) && *free > 0)
                     .map(|(id, _)| id),
                 None => {
-                    let cands: Vec<Candidate> = st
-                        .servers
-                        .iter()
-                        .filter(|(id, s)| s.usable() && !group.contains(id))
-                        .map(|(id, s)| Candidate {
-                            id: *id,
-                            free: s.free(),
-                        })
-                        .collect();
+                    let cands = candidates(st, &group);
                     placement::place(&cands, 1, self.cfg.placement, &mut st.rng)
                         .and_then(|v| v.first().copied())
                 }
@@ -1463,6 +1447,18 @@ impl Inner {
             info!("dropped {dropped} orphan slabs on server {sid:016x}");
         }
     }
+}
+
+/// The servers placement may use (live and ready), but those in `exclude`.
+fn candidates(st: &State, exclude: &[u64]) -> Vec<Candidate> {
+    st.servers
+        .iter()
+        .filter(|(id, s)| s.usable() && !exclude.contains(id))
+        .map(|(id, s)| Candidate {
+            id: *id,
+            free: s.free(),
+        })
+        .collect()
 }
 
 /// Forgets the pending range that starts at `first`.

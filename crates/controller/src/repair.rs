@@ -30,8 +30,8 @@ use remora_proto::erasure::Codec;
 use remora_proto::ErrorCode;
 use tracing::{debug, info, warn};
 
-use crate::placement::{self, Candidate};
-use crate::{new_key, unpend, Failure, Inner, State};
+use crate::placement;
+use crate::{candidates, new_key, unpend, Failure, Inner, State};
 
 /// Most bytes copied per request while rebuilding (less if a server's
 /// maximum frame is smaller).
@@ -238,15 +238,7 @@ impl Inner {
                 return Err((ErrorCode::SlabFrozen, "the group is being moved".into()));
             }
             let exclude: Vec<u64> = survivors.iter().map(|(_, l)| l.server_id).collect();
-            let cands: Vec<Candidate> = st
-                .servers
-                .iter()
-                .filter(|(_, s)| s.usable())
-                .map(|(id, s)| Candidate {
-                    id: *id,
-                    free: s.free(),
-                })
-                .collect();
+            let cands = candidates(st, &[]);
             let Some(pick) =
                 placement::place_groups(&cands, 1, 1, &exclude, self.cfg.placement, &mut st.rng)
                     .and_then(|g| g.first().and_then(|g| g.first().copied()))

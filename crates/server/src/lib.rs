@@ -639,14 +639,7 @@ fn handle(
     match req {
         Request::Hello { .. } => put_error(out, id, ErrorCode::Malformed, "handshake already done"),
         Request::Read { at, len } => {
-            if len as usize > max_reply {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::FrameTooLarge,
-                    &format!("read of {len} bytes exceeds the maximum reply of {max_reply}"),
-                );
-            } else {
+            if !too_large(out, id, len, max_reply) {
                 let r = pool.read(&at, len, |bytes| {
                     put_data_header(out, id, bytes.len());
                     remora_proto::copy::extend(out, bytes);
@@ -699,14 +692,7 @@ fn handle(
             Err(code) => put_error(out, id, code, &format!("freeze slab {slab}: {code}")),
         },
         Request::ReadSlab { slab, offset, len } => {
-            if len as usize > max_reply {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::FrameTooLarge,
-                    &format!("read of {len} bytes exceeds the maximum reply of {max_reply}"),
-                );
-            } else {
+            if !too_large(out, id, len, max_reply) {
                 match pool.read_admin(slab, offset, &mut st.scratch, len as usize) {
                     Ok(()) => {
                         put_data_header(out, id, st.scratch.len());
@@ -795,6 +781,21 @@ fn handle(
         }
     }
     true
+}
+
+/// Replies FrameTooLarge to a read whose reply would not fit in a frame;
+/// true if it did.
+fn too_large(out: &mut Vec<u8>, id: u64, len: u32, max_reply: usize) -> bool {
+    let big = len as usize > max_reply;
+    if big {
+        put_error(
+            out,
+            id,
+            ErrorCode::FrameTooLarge,
+            &format!("read of {len} bytes exceeds the maximum reply of {max_reply}"),
+        );
+    }
+    big
 }
 
 /// Applies an atomic once per (session, request id): a retry of one that
