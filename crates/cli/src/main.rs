@@ -170,6 +170,13 @@ pub struct ClientArgs {
     /// Delay added to every received reply (e.g. 5us).
     #[arg(long, value_parser = duration_arg)]
     inject_latency: Option<Duration>,
+    /// Deadline of each request to a server (default 5s).
+    #[arg(long, value_parser = duration_arg)]
+    timeout: Option<Duration>,
+    /// How long an operation on a replicated or erasure-coded region keeps
+    /// failing over while a dead server is detected and rebuilt (default 10s).
+    #[arg(long, value_parser = duration_arg)]
+    failover_timeout: Option<Duration>,
 }
 
 impl ClientArgs {
@@ -194,10 +201,18 @@ impl ClientArgs {
 
     /// Connects to the cluster.
     pub fn connect(&self) -> Result<Cluster> {
+        if self.timeout.is_some_and(|t| t.is_zero())
+            || self.failover_timeout.is_some_and(|t| t.is_zero())
+        {
+            bail!("--timeout and --failover-timeout must be positive");
+        }
         let info = self.info()?;
+        let d = ClientOptions::default();
         let opts = ClientOptions {
             inject_latency: self.inject_latency.unwrap_or_default(),
-            ..ClientOptions::default()
+            request_timeout: self.timeout.unwrap_or(d.request_timeout),
+            failover_timeout: self.failover_timeout.unwrap_or(d.failover_timeout),
+            ..d
         };
         Cluster::connect_with(&info.controller, &info.token, opts)
             .with_context(|| format!("connecting to the controller at {}", info.controller))

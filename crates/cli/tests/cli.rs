@@ -178,6 +178,20 @@ fn redundant_regions_from_the_command_line() {
     assert!(e.contains("distinct servers"), "{e}");
     let e = run_err(tc.remora(&["region", "move", "coded", "--slab", "0"]));
     assert!(e.contains("erasure-coded"), "{e}");
+    let e = run_err(tc.remora(&["region", "list", "--timeout", "0s"]));
+    assert!(e.contains("must be positive"), "{e}");
+    let out = run_ok(tc.remora(&[
+        "region",
+        "read",
+        "coded",
+        "--len",
+        "10",
+        "--timeout",
+        "2s",
+        "--failover-timeout",
+        "3s",
+    ]));
+    assert_eq!(out.len(), 10);
 }
 
 #[test]
