@@ -567,6 +567,16 @@ fn status(a: ClientArgs) -> Result<()> {
     }
     outln!();
     region_cmd::print_regions(&s.regions);
+    let lost: u64 = s.regions.iter().map(|r| r.lost).sum();
+    if lost > 0 || s.rebuilt_slabs > 0 {
+        outln!();
+        outln!(
+            "REBUILD: {} slabs lost and not yet rebuilt; {} rebuilt since the controller started ({} read and written)",
+            lost,
+            s.rebuilt_slabs,
+            Bytes(s.rebuilt_bytes)
+        );
+    }
     Ok(())
 }
 

@@ -613,6 +613,12 @@ fn a_server_that_dies_while_the_controller_is_down_is_declared_dead_and_rebuilt(
     let mut got = vec![0u8; REGION as usize];
     r.read(0, &mut got).unwrap();
     assert!(got == data, "read back differs");
+    let out = tc.remora(&["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("REBUILD: 0 slabs lost") && status.contains("replicate:2"),
+        "{status}"
+    );
     r.refresh().unwrap();
     assert!(!r.map().pieces().any(|l| l.addr == tc.servers[victim].addr));
 }
