@@ -265,7 +265,11 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
                     role,
                     offset.map_or("-".to_string(), |o| o.to_string()),
                     s.addr,
-                    if s.lost { "LOST" } else { "ok" }
+                    match (s.lost, s.restored) {
+                        (true, _) => "LOST",
+                        (false, true) => "ok (rebuilt)",
+                        (false, false) => "ok",
+                    }
                 );
             }
             Ok(())
