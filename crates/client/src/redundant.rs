@@ -669,19 +669,7 @@ impl Region {
                 } => {
                     // The data took the write: finish the parity updates
                     // whatever became of the data slab since.
-                    self.finish_parity(
-                        map,
-                        stripe,
-                        m,
-                        a,
-                        xors,
-                        |left| Stage::Parity {
-                            data_slab,
-                            swap_rid,
-                            xors: left,
-                        },
-                        &mut stage,
-                    )?;
+                    self.finish_parity(map, stripe, m, a, data_slab, swap_rid, xors, &mut stage)?;
                     if loc.slab == data_slab && !loc.lost {
                         self.commit(loc, swap_rid);
                         return Ok(());
@@ -751,20 +739,7 @@ impl Region {
                     }
                 }
             }
-            let data_slab = loc.slab;
-            self.finish_parity(
-                map,
-                stripe,
-                m,
-                a,
-                xors,
-                |left| Stage::Parity {
-                    data_slab,
-                    swap_rid: rid,
-                    xors: left,
-                },
-                &mut stage,
-            )?;
+            self.finish_parity(map, stripe, m, a, loc.slab, rid, xors, &mut stage)?;
             self.commit(loc, rid);
             Ok(())
         })
@@ -812,8 +787,9 @@ impl Region {
     }
 
     /// Sends a write's parity updates (each with its request id, so a
-    /// resend applies once). On failure, `stage` becomes `again(the updates
-    /// left)`; the swap is not committed, so a rebuild of the stripe waits.
+    /// resend applies once). On failure, `stage` holds the updates left for
+    /// swap `swap_rid` on data slab `data_slab`; the swap is not committed,
+    /// so a rebuild of the stripe waits.
     #[allow(clippy::too_many_arguments)]
     fn finish_parity(
         &self,
@@ -821,8 +797,9 @@ impl Region {
         stripe: usize,
         m: usize,
         a: u64,
+        data_slab: u64,
+        swap_rid: u64,
         xors: Vec<(usize, u64, u64, Vec<u8>)>,
-        again: impl FnOnce(Vec<(usize, u64, u64, Vec<u8>)>) -> Stage,
         stage: &mut Stage,
     ) -> Result<(), Attempt> {
         let timeout = self.inner.opts.request_timeout.min(PARITY_DEADLINE);
@@ -856,7 +833,11 @@ impl Region {
         }
         match failed {
             Some(e) => {
-                *stage = again(left);
+                *stage = Stage::Parity {
+                    data_slab,
+                    swap_rid,
+                    xors: left,
+                };
                 Err(e)
             }
             None => Ok(()),

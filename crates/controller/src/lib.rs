@@ -1115,23 +1115,9 @@ impl Inner {
                     },
                 ));
             };
-            let slab = st.next_slab;
-            st.next_slab += 1;
-            st.pending.push((slab, slab + 1));
-            let key = new_key(&mut st.rng);
-            let Some(s) = st.servers.get_mut(&dest_server) else {
+            let Some(dest) = reserve_slab(st, dest_server, false) else {
                 st.moving.remove(&src.slab);
-                unpend(st, slab);
                 return Err((ErrorCode::Internal, "server vanished".into()));
-            };
-            s.assigned += 1;
-            let dest = SlabLoc {
-                server_id: dest_server,
-                addr: s.addr.clone(),
-                slab,
-                key,
-                lost: false,
-                restored: false,
             };
             (src, dest, dest_server)
         };
@@ -1447,6 +1433,27 @@ impl Inner {
             info!("dropped {dropped} orphan slabs on server {sid:016x}");
         }
     }
+}
+
+/// Reserves a new slab on server `sid`: a fresh id (pending until its map
+/// is committed), a key, one more slab assigned to the server. `None` if
+/// the server is unknown.
+fn reserve_slab(st: &mut State, sid: u64, restored: bool) -> Option<SlabLoc> {
+    let key = new_key(&mut st.rng);
+    let s = st.servers.get_mut(&sid)?;
+    s.assigned += 1;
+    let addr = s.addr.clone();
+    let slab = st.next_slab;
+    st.next_slab += 1;
+    st.pending.push((slab, slab + 1));
+    Some(SlabLoc {
+        server_id: sid,
+        addr,
+        slab,
+        key,
+        lost: false,
+        restored,
+    })
 }
 
 /// The servers placement may use (live and ready), but those in `exclude`.

@@ -31,7 +31,7 @@ use remora_proto::ErrorCode;
 use tracing::{debug, info, warn};
 
 use crate::placement;
-use crate::{candidates, new_key, unpend, Failure, Inner, State};
+use crate::{candidates, new_key, reserve_slab, unpend, Failure, Inner, State};
 
 /// Most bytes copied per request while rebuilding (less if a server's
 /// maximum frame is smaller).
@@ -248,22 +248,8 @@ impl Inner {
                     "no live server outside the group has a free slab".into(),
                 ));
             };
-            let slab = st.next_slab;
-            st.next_slab += 1;
-            st.pending.push((slab, slab + 1));
-            let key = new_key(&mut st.rng);
-            let Some(s) = st.servers.get_mut(&pick) else {
-                unpend(st, slab);
+            let Some(dest) = reserve_slab(st, pick, true) else {
                 return Err((ErrorCode::Internal, "server vanished".into()));
-            };
-            s.assigned += 1;
-            let dest = SlabLoc {
-                server_id: pick,
-                addr: s.addr.clone(),
-                slab,
-                key,
-                lost: false,
-                restored: true,
             };
             for (_, l) in &survivors {
                 st.moving.insert(l.slab);
