@@ -572,7 +572,10 @@ impl Conn {
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("remora-client-driver".into())
-            .spawn(move || driver(weak));
+            .spawn(move || {
+                crate::thread_started();
+                driver(weak)
+            });
         if spawned.is_err() {
             self.driver_started.store(false, Ordering::Release);
         }

@@ -571,3 +571,19 @@ fn decode_ctl(addr: &str, f: &remora_net::OwnedFrame) -> Result<CtlReply> {
         }),
     }
 }
+
+static THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets a function that every thread the client library starts runs first
+/// (once per process; later calls are ignored). The far heap uses it to keep
+/// the runtime's own threads' allocations in local memory.
+pub fn set_thread_start_hook(hook: fn()) {
+    let _ = THREAD_START.set(hook);
+}
+
+pub(crate) fn thread_started() {
+    if let Some(hook) = THREAD_START.get() {
+        hook();
+    }
+}
+

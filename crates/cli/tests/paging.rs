@@ -1,0 +1,140 @@
+//! The paged far region against a shadow copy, with real servers.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Opts, Rng, TestCluster};
+use remora_client::Cluster;
+use remora_paging::{Budget, PagedRegion, PagerConfig};
+
+const PAGE: usize = 4096;
+
+fn cluster() -> TestCluster {
+    TestCluster::start(Opts {
+        servers: 2,
+        capacity: "64MiB",
+        slab: "256KiB",
+        ..Opts::default()
+    })
+}
+
+fn paged(tc: &TestCluster, size: u64, cfg: PagerConfig) -> PagedRegion {
+    let c = Cluster::connect(&tc.controller_addr, common::TOKEN).unwrap();
+    let r = c.alloc_region(size).unwrap();
+    PagedRegion::new(r, cfg).unwrap()
+}
+
+/// A shared view of the mapping for threads (the test checks disjoint use).
+#[derive(Clone, Copy)]
+struct Mem(usize, usize);
+// SAFETY (test helper): the mapping outlives the threads using it.
+unsafe impl Send for Mem {}
+
+impl Mem {
+    fn bytes(&self) -> &'static mut [u8] {
+        // SAFETY: base/len describe a live mapping for the test's duration;
+        // threads use disjoint pages.
+        unsafe { std::slice::from_raw_parts_mut(self.0 as *mut u8, self.1) }
+    }
+}
+
+#[test]
+fn single_thread_round_trip_through_eviction() {
+    let tc = cluster();
+    let pr = paged(
+        &tc,
+        64 * PAGE as u64,
+        PagerConfig {
+            budget: Budget::Bytes(8 * PAGE as u64),
+            ..PagerConfig::default()
+        },
+    );
+    let mem = Mem(pr.base() as usize, pr.len()).bytes();
+    for p in 0..64 {
+        mem[p * PAGE] = p as u8 + 1;
+        mem[p * PAGE + 100] = 0xAB;
+    }
+    for p in 0..64 {
+        assert_eq!(mem[p * PAGE], p as u8 + 1, "page {p}");
+        assert_eq!(mem[p * PAGE + 100], 0xAB, "page {p}");
+    }
+    let s = pr.stats();
+    eprintln!("{s:?}");
+    assert!(s.evictions > 0 && s.pages_written > 0 && s.pages_fetched > 0, "{s:?}");
+    assert!(s.resident <= 8, "{s:?}");
+}
+
+/// Many threads read and write random words of their own pages (and read
+/// everyone's) under a budget of a few pages, checked against shadows.
+#[test]
+fn many_threads_against_shadows_with_a_tiny_budget() {
+    let tc = cluster();
+    let threads = 8usize;
+    let pages_per = 24usize;
+    for (name, cfg) in [
+        (
+            "clock",
+            PagerConfig {
+                budget: Budget::Bytes(16 * PAGE as u64),
+                writeback_batch: 4,
+                ..PagerConfig::default()
+            },
+        ),
+        (
+            "fifo, unit 4",
+            PagerConfig {
+                budget: Budget::Bytes(16 * PAGE as u64),
+                writeback_batch: 4,
+                inactive_fraction: 0.0,
+                fetch_unit: 4,
+                ..PagerConfig::default()
+            },
+        ),
+    ] {
+        let pr = Arc::new(paged(&tc, (threads * pages_per * PAGE) as u64, cfg));
+        let mem = Mem(pr.base() as usize, pr.len());
+        let t0 = std::time::Instant::now();
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let m = mem.bytes();
+                    let words = pages_per * PAGE / 8;
+                    let base = t * pages_per * PAGE;
+                    let mut shadow = vec![0u64; words];
+                    let mut rng = Rng(t as u64 * 7919 + 1);
+                    for i in 0..3000u64 {
+                        let w = rng.below(words as u64) as usize;
+                        let at = base + w * 8;
+                        let cell = &mut m[at..at + 8];
+                        if rng.below(2) == 0 {
+                            let v = (t as u64) << 56 | i << 8 | 1;
+                            cell.copy_from_slice(&v.to_ne_bytes());
+                            shadow[w] = v;
+                        } else {
+                            let got = u64::from_ne_bytes(cell.try_into().unwrap());
+                            assert_eq!(got, shadow[w], "thread {t} word {w} at step {i}");
+                        }
+                    }
+                    for (w, &v) in shadow.iter().enumerate() {
+                        let at = base + w * 8;
+                        let got = u64::from_ne_bytes(m[at..at + 8].try_into().unwrap());
+                        assert_eq!(got, v, "thread {t} word {w} at the end");
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        let s = pr.stats();
+        eprintln!("{name}: {:?} {s:?}", t0.elapsed());
+        assert!(s.evictions > 0 && s.pages_written > 0, "{name}: {s:?}");
+        assert!(s.resident <= 16 + 4, "{name}: {s:?}");
+        // Everything written is in far memory after a flush.
+        pr.flush().unwrap();
+        let mut far = vec![0u8; pr.len()];
+        pr.region().read(0, &mut far).unwrap();
+        assert!(far == mem.bytes()[..], "{name}: far copy differs after flush");
+    }
+}

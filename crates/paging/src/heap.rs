@@ -1,0 +1,326 @@
+//! The far heap: an allocator over a paged far region, shared by
+//! [`crate::FarAlloc`] (Rust programs) and the LD_PRELOAD `malloc`.
+//!
+//! Allocation inside the far range is done by `talc` (chosen because it is
+//! small, `no_std`, never allocates for itself, works on a caller-given span,
+//! and is fast; its one lock is a spin lock that yields, which is safe inside
+//! an allocator, unlike a parking lock that allocates its wait queue).
+//!
+//! Two kinds of memory coexist in one process:
+//!
+//! * far memory, for the program's allocations;
+//! * local memory (the system allocator), for the runtime's own: the fault
+//!   handlers, evictor and prefetcher, and client connection threads, are
+//!   marked *internal*, and their allocations never go far. Otherwise a
+//!   handler could fault on its own buffer and wait on itself.
+//!
+//! A pointer is freed by whichever allocator owns its address, so memory may
+//! cross between threads of either kind. Before the far heap starts (and in
+//! a child after `fork`), everything is local.
+
+use std::alloc::Layout;
+use std::cell::Cell;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+
+use remora_client::{Cluster, ClientOptions};
+use talc::{ErrOnOom, Span, Talc};
+
+use crate::config::{Budget, PagerConfig};
+use crate::pager::{PagedRegion, PagerStats};
+use crate::PagingError;
+
+thread_local! {
+    static INTERNAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as part of the runtime: its allocations stay local.
+pub fn mark_internal_thread() {
+    INTERNAL.with(|c| c.set(true));
+}
+
+/// Runs `f` with the calling thread marked internal.
+pub fn as_internal<T>(f: impl FnOnce() -> T) -> T {
+    let was = INTERNAL.with(|c| c.replace(true));
+    let r = f();
+    INTERNAL.with(|c| c.set(was));
+    r
+}
+
+/// Whether the calling thread is part of the runtime.
+pub fn is_internal_thread() -> bool {
+    // try_with: during thread teardown the slot may be gone; treat as app.
+    INTERNAL.try_with(|c| c.get()).unwrap_or(false)
+}
+
+type Arena = spin::mutex::SpinMutex<Talc<ErrOnOom>, spin::relax::Yield>;
+
+/// A running far heap.
+pub struct FarHeap {
+    arena: Arena,
+    start: usize,
+    end: usize,
+    pager: PagedRegion,
+    cluster: Cluster,
+}
+
+impl std::fmt::Debug for FarHeap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FarHeap")
+            .field("start", &(self.start as *const u8))
+            .field("len", &(self.end - self.start))
+            .finish()
+    }
+}
+
+static HEAP: AtomicPtr<FarHeap> = AtomicPtr::new(std::ptr::null_mut());
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// The far heap, if one has been started in this process (and this process
+/// is not a forked child, whose copy is plain local memory).
+pub fn far_heap() -> Option<&'static FarHeap> {
+    let p = HEAP.load(Ordering::Acquire);
+    // SAFETY: HEAP only ever holds null or a leaked Box<FarHeap>, never freed.
+    unsafe { p.as_ref() }
+}
+
+/// How to start the far heap.
+#[derive(Debug, Clone)]
+pub struct HeapOptions {
+    /// Controller address.
+    pub controller: String,
+    /// Tenant token.
+    pub token: String,
+    /// Size of the far region (the most the program can allocate far).
+    pub size: u64,
+    /// Name of the far region (so a launcher can free it after the program).
+    pub region_name: Option<String>,
+    /// Pager settings (budget, prefetching, …).
+    pub pager: PagerConfig,
+}
+
+/// Default far heap size: 8 GiB of address space, reserved on the servers
+/// but touched only as the program uses it.
+pub const DEFAULT_HEAP_SIZE: u64 = 8 << 30;
+
+impl HeapOptions {
+    /// Reads `REMORA_CONTROLLER`, `REMORA_TOKEN`, `REMORA_LOCAL_MEM`,
+    /// `REMORA_HEAP_SIZE`, `REMORA_HEAP_REGION`, `REMORA_PREFETCH` (largest
+    /// window in pages, 0 = off), `REMORA_FETCH_UNIT` and
+    /// `REMORA_EVICTION` (`clock` or `fifo`). Returns `Ok(None)` when no
+    /// controller is set.
+    pub fn from_env() -> Result<Option<HeapOptions>, String> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let Some(controller) = var("REMORA_CONTROLLER") else {
+            return Ok(None);
+        };
+        let token = var("REMORA_TOKEN").ok_or("REMORA_CONTROLLER is set but REMORA_TOKEN is not")?;
+        let mut pager = PagerConfig::default();
+        if let Some(b) = var("REMORA_LOCAL_MEM") {
+            pager.budget = b.parse::<Budget>()?;
+        }
+        let size = match var("REMORA_HEAP_SIZE") {
+            Some(s) => remora_proto::size::parse_size(&s).map_err(|e| format!("REMORA_HEAP_SIZE: {e}"))?,
+            None => DEFAULT_HEAP_SIZE,
+        };
+        if let Some(w) = var("REMORA_PREFETCH") {
+            pager.prefetch_window = w.parse().map_err(|_| format!("REMORA_PREFETCH: bad window {w:?}"))?;
+        }
+        if let Some(u) = var("REMORA_FETCH_UNIT") {
+            pager.fetch_unit = u.parse().map_err(|_| format!("REMORA_FETCH_UNIT: bad unit {u:?}"))?;
+        }
+        if let Some(e) = var("REMORA_EVICTION") {
+            pager.inactive_fraction = match e.as_str() {
+                "clock" => PagerConfig::default().inactive_fraction,
+                "fifo" => 0.0,
+                _ => return Err(format!("REMORA_EVICTION: {e:?} is not clock or fifo")),
+            };
+        }
+        pager.validate()?;
+        let region_name = var("REMORA_HEAP_REGION").map(|n| format!("{n}-{}", std::process::id()));
+        Ok(Some(HeapOptions {
+            controller,
+            token,
+            size,
+            region_name,
+            pager,
+        }))
+    }
+}
+
+/// Starts the far heap for this process. After it returns, allocations of
+/// threads that are not internal go to far memory. The calling thread is
+/// treated as internal for the duration (the runtime's own start-up
+/// allocations stay local). Fails if a far heap is already running.
+pub fn start(opts: &HeapOptions) -> Result<&'static FarHeap, PagingError> {
+    as_internal(|| {
+        if far_heap().is_some() {
+            return Err(PagingError::Config("the far heap is already running".into()));
+        }
+        remora_client::set_thread_start_hook(mark_internal_thread);
+        let cluster = Cluster::connect_with(&opts.controller, &opts.token, ClientOptions::default())
+            .map_err(PagingError::Far)?;
+        let region = match &opts.region_name {
+            Some(n) => cluster.alloc_named(n, opts.size),
+            None => cluster.alloc_region(opts.size),
+        }
+        .map_err(PagingError::Far)?;
+        let pager = PagedRegion::new(region, opts.pager.clone())?;
+        let start = pager.base() as usize;
+        let end = start + pager.len();
+        let mut talc = Talc::new(ErrOnOom);
+        // SAFETY: [start, end) is our own mapping, used for nothing else;
+        // talc writes its metadata there (which faults pages in, served by
+        // the handlers already running).
+        let claimed = unsafe { talc.claim(Span::new(start as *mut u8, end as *mut u8)) };
+        if claimed.is_err() {
+            return Err(PagingError::Config("the far heap is too small to hold anything".into()));
+        }
+        let heap = Box::new(FarHeap {
+            arena: Arena::new(talc),
+            start,
+            end,
+            pager,
+            cluster,
+        });
+        let p = Box::into_raw(heap);
+        if HEAP
+            .compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // SAFETY: p came from Box::into_raw above and was not published.
+            drop(unsafe { Box::from_raw(p) });
+            return Err(PagingError::Config("the far heap is already running".into()));
+        }
+        register_fork_handlers();
+        // SAFETY: p was published above and is never freed.
+        Ok(unsafe { &*p })
+    })
+}
+
+impl FarHeap {
+    /// Whether `ptr` is inside the far range.
+    pub fn contains(&self, ptr: *const u8) -> bool {
+        (ptr as usize) >= self.start && (ptr as usize) < self.end
+    }
+
+    /// Allocates far memory, or `None` when the far range is exhausted.
+    pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
+        let layout = if layout.size() == 0 {
+            Layout::from_size_align(1, layout.align()).ok()?
+        } else {
+            layout
+        };
+        // SAFETY: the layout has a nonzero size.
+        unsafe { self.arena.lock().malloc(layout).ok() }
+    }
+
+    /// Frees far memory.
+    ///
+    /// # Safety
+    /// `ptr` must have come from [`FarHeap::alloc`] with `layout`.
+    pub unsafe fn free(&self, ptr: NonNull<u8>, layout: Layout) {
+        let layout = if layout.size() == 0 {
+            // SAFETY: align is a power of two already (it came from a Layout).
+            unsafe { Layout::from_size_align_unchecked(1, layout.align()) }
+        } else {
+            layout
+        };
+        // SAFETY: by the caller's contract.
+        unsafe { self.arena.lock().free(ptr, layout) }
+    }
+
+    /// Resizes far memory in place if it can; else `None` (the caller moves it).
+    ///
+    /// # Safety
+    /// `ptr` must have come from [`FarHeap::alloc`] with `layout`.
+    pub unsafe fn resize_in_place(&self, ptr: NonNull<u8>, layout: Layout, new_size: usize) -> Option<NonNull<u8>> {
+        if layout.size() == 0 || new_size == 0 {
+            return None;
+        }
+        let mut a = self.arena.lock();
+        if new_size <= layout.size() {
+            // SAFETY: by the caller's contract; shrinking is always in place.
+            unsafe { a.shrink(ptr, layout, new_size) };
+            Some(ptr)
+        } else {
+            // SAFETY: by the caller's contract; new_size > layout.size().
+            unsafe { a.grow_in_place(ptr, layout, new_size).ok() }
+        }
+    }
+
+    /// The pager behind the heap.
+    pub fn pager(&self) -> &PagedRegion {
+        &self.pager
+    }
+
+    /// The cluster the heap lives on.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Pager counters.
+    pub fn stats(&self) -> PagerStats {
+        self.pager.stats()
+    }
+}
+
+/// Whether allocations of the calling thread should go far now.
+pub fn use_far() -> Option<&'static FarHeap> {
+    if FORKED.load(Ordering::Relaxed) || is_internal_thread() {
+        return None;
+    }
+    far_heap()
+}
+
+/// Whether `ptr` belongs to the far heap (forked children included: their
+/// copy of the range is still managed by the same arena).
+pub fn owner(ptr: *const u8) -> Option<&'static FarHeap> {
+    far_heap().filter(|h| h.contains(ptr))
+}
+
+fn register_fork_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the three handlers are plain extern "C" functions that live
+        // for the whole process.
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
+    });
+}
+
+/// Before `fork`: bring every far page in and stop eviction, so the child
+/// (whose copy of the range userfaultfd does not serve) inherits all bytes;
+/// then hold the arena lock so the child gets a consistent allocator.
+extern "C" fn before_fork() {
+    let Some(h) = far_heap() else { return };
+    if !FORKED.load(Ordering::Relaxed) {
+        as_internal(|| {
+            if let Err(e) = h.pager.pause_and_fill() {
+                eprintln!("remora: preparing far memory for fork failed: {e}; the child may see stale data");
+            }
+        });
+    }
+    std::mem::forget(h.arena.lock());
+}
+
+extern "C" fn after_fork_parent() {
+    let Some(h) = far_heap() else { return };
+    // SAFETY: before_fork took this lock (and forgot the guard) in this thread.
+    unsafe { h.arena.force_unlock() };
+    if !FORKED.load(Ordering::Relaxed) {
+        h.pager.resume();
+    }
+}
+
+extern "C" fn after_fork_child() {
+    let Some(h) = far_heap() else { return };
+    FORKED.store(true, Ordering::Relaxed);
+    // SAFETY: the lock was taken by before_fork in the thread that forked,
+    // which is the only thread of this child.
+    unsafe { h.arena.force_unlock() };
+}
+
+/// Whether this process is a forked child of a far-heap process.
+pub fn is_forked_child() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}

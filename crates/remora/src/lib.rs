@@ -1,0 +1,11 @@
+//! Remora for Rust programs: one crate to depend on.
+//!
+//! * [`Cluster`] and [`Region`]: the region API (one-sided reads, writes,
+//!   atomics, async and batched forms).
+//! * [`PagedRegion`]: a far region mapped into the address space.
+//! * [`FarAlloc`]: a `#[global_allocator]` that puts the heap in far memory.
+
+pub use remora_client::*;
+pub use remora_paging::{
+    far_heap, Budget, FarAlloc, FarHeap, HeapOptions, PagedRegion, PagerConfig, PagerStats, PagingError,
+};
