@@ -16,6 +16,7 @@ macro_rules! outln {
 
 mod embedded;
 mod region_cmd;
+mod run_cmd;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,6 +62,8 @@ enum Cmd {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Run an unmodified program with its heap in far memory.
+    Run(run_cmd::RunArgs),
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -307,6 +310,10 @@ fn main() {
 fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Up(a) => up(a),
+        Cmd::Run(a) => {
+            let code = run_cmd::run(a)?;
+            std::process::exit(code);
+        }
         Cmd::Server(a) => server(a),
         Cmd::Controller(a) => controller(a),
         Cmd::Status(a) => status(a),

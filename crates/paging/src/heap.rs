@@ -114,6 +114,15 @@ impl HeapOptions {
         let Some(controller) = var("REMORA_CONTROLLER") else {
             return Ok(None);
         };
+        // Under `remora run`, only the program itself (and what it execs in
+        // place) gets a far heap; processes it starts run with local memory.
+        if let Some(run_pid) = var("REMORA_RUN_PID") {
+            // SAFETY: getppid has no preconditions.
+            let parent = unsafe { libc::getppid() };
+            if run_pid.parse::<i32>().ok() != Some(parent) {
+                return Ok(None);
+            }
+        }
         let token = var("REMORA_TOKEN").ok_or("REMORA_CONTROLLER is set but REMORA_TOKEN is not")?;
         let mut pager = PagerConfig::default();
         if let Some(b) = var("REMORA_LOCAL_MEM") {
@@ -161,7 +170,20 @@ pub fn start(opts: &HeapOptions) -> Result<&'static FarHeap, PagingError> {
         let cluster = Cluster::connect_with(&opts.controller, &opts.token, ClientOptions::default())
             .map_err(PagingError::Far)?;
         let region = match &opts.region_name {
-            Some(n) => cluster.alloc_named(n, opts.size),
+            // A process that exec'd finds the region of its previous image
+            // under its name; nothing uses it any more, so it is reused.
+            Some(n) => match cluster.alloc_named(n, opts.size) {
+                Err(e) if e.code() == Some(remora_proto::ErrorCode::NameTaken) => {
+                    cluster.open_region(n).and_then(|r| {
+                        if r.size() >= opts.size {
+                            Ok(r)
+                        } else {
+                            Err(e)
+                        }
+                    })
+                }
+                other => other,
+            },
             None => cluster.alloc_region(opts.size),
         }
         .map_err(PagingError::Far)?;

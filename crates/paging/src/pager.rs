@@ -599,14 +599,12 @@ impl Inner {
             match self.uffd.wait_readable(100) {
                 Ok(true) => {}
                 Ok(false) => {
-                    if std::env::var_os("REMORA_TRACE").is_some() {
-                        let mut h = [0u32; 5];
-                        for q in 0..self.pages as u32 {
-                            h[self.st(q) as usize] += 1;
-                        }
-                        let f: Vec<u32> = (0..self.pages as u32).filter(|&q| self.st(q) == FETCHING).take(8).collect();
-                        eprintln!("idle: states {h:?} fetching {f:?} {:?}", self.stats());
-                    }
+                    // Idle for a while: wake every waiter in the range. A
+                    // spurious wake-up only makes a thread retry its access
+                    // (and fault again if the page is still missing), so this
+                    // is a harmless backstop that bounds any stall a missed
+                    // wake-up would cause to one poll interval.
+                    let _ = self.uffd.wake(self.base, self.pages as usize * PAGE);
                     continue;
                 }
                 Err(e) => {
@@ -624,9 +622,6 @@ impl Inner {
                     return;
                 }
             };
-            if std::env::var_os("REMORA_TRACE").is_some() {
-                eprintln!("ev {ev:?} st {:?}", ev_state(&self, &ev));
-            }
             match ev {
                 Event::Fault { addr, write, wp } => {
                     if addr < self.base || addr >= self.base + self.pages as usize * PAGE {
@@ -1216,15 +1211,6 @@ impl Inner {
         }
         Ok(())
     }
-}
-
-fn ev_state(i: &Inner, ev: &Event) -> Option<u8> {
-    if let Event::Fault { addr, .. } = ev {
-        if *addr >= i.base && *addr < i.base + i.pages as usize * PAGE {
-            return Some(i.st(((addr - i.base) / PAGE) as u32));
-        }
-    }
-    None
 }
 
 /// A page of zeros to install never-written pages from.
