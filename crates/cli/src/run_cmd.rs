@@ -43,7 +43,12 @@ pub struct RunArgs {
     #[arg(long)]
     stats: bool,
     /// The program and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROG")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROG"
+    )]
     command: Vec<String>,
 }
 
@@ -60,10 +65,13 @@ fn preload_library() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the remora binary")?;
     let dir = exe.parent().context("the remora binary has no directory")?;
     // Both may exist after a workspace build; the newer one matches this binary.
-    let newest = [dir.join("libremora_preload.so"), dir.join("deps/libremora_preload.so")]
-        .into_iter()
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .max_by_key(|(t, _)| *t);
+    let newest = [
+        dir.join("libremora_preload.so"),
+        dir.join("deps/libremora_preload.so"),
+    ]
+    .into_iter()
+    .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+    .max_by_key(|(t, _)| *t);
     if let Some((_, p)) = newest {
         return Ok(p);
     }
@@ -78,7 +86,9 @@ fn preload_library() -> Result<PathBuf> {
 fn find_program(name: &str) -> Result<PathBuf> {
     let is_exec = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
-        p.is_file() && p.metadata().is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+        p.is_file()
+            && p.metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
     };
     if name.contains('/') {
         let p = PathBuf::from(name);
@@ -103,7 +113,10 @@ pub fn run(a: RunArgs) -> Result<i32> {
         .parse::<Budget>()
         .map_err(|e| anyhow::anyhow!("--local-mem: {e}"))?;
     if !a.fetch_unit.is_power_of_two() || a.fetch_unit > 512 {
-        bail!("--fetch-unit must be a power of two up to 512, not {}", a.fetch_unit);
+        bail!(
+            "--fetch-unit must be a power of two up to 512, not {}",
+            a.fetch_unit
+        );
     }
     if a.heap_size < 1 << 20 {
         bail!("--heap-size must be at least 1MiB");
@@ -193,7 +206,10 @@ fn free_regions(controller: &str, token: &str, tag: &str) {
     };
     let prefix = format!("{tag}-");
     if let Ok(list) = c.list_regions() {
-        for r in list.iter().filter(|r| r.name.as_deref().is_some_and(|n| n.starts_with(&prefix))) {
+        for r in list
+            .iter()
+            .filter(|r| r.name.as_deref().is_some_and(|n| n.starts_with(&prefix)))
+        {
             if let Err(e) = c.free_region(r.id) {
                 eprintln!("remora: freeing far heap region {}: {e}", r.id);
             }
@@ -212,11 +228,19 @@ fn print_stats(path: &Path) {
             .filter_map(|f| f.split_once('='))
             .filter_map(|(k, v)| v.parse().ok().map(|v| (k, v)))
             .collect();
-        let get = |k: &str| kv.iter().find(|(n, _)| *n == k).map(|(_, v)| *v).unwrap_or(0);
+        let get = |k: &str| {
+            kv.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| *v)
+                .unwrap_or(0)
+        };
         let mib = |pages: u64| pages as f64 * 4096.0 / (1 << 20) as f64;
         let prefetched = get("prefetched");
         let accuracy = if prefetched > 0 {
-            format!("{:.0}%", 100.0 * get("prefetch_hits") as f64 / prefetched as f64)
+            format!(
+                "{:.0}%",
+                100.0 * get("prefetch_hits") as f64 / prefetched as f64
+            )
         } else {
             "-".into()
         };

@@ -61,7 +61,10 @@ fn single_thread_round_trip_through_eviction() {
     }
     let s = pr.stats();
     eprintln!("{s:?}");
-    assert!(s.evictions > 0 && s.pages_written > 0 && s.pages_fetched > 0, "{s:?}");
+    assert!(
+        s.evictions > 0 && s.pages_written > 0 && s.pages_fetched > 0,
+        "{s:?}"
+    );
     assert!(s.resident <= 8, "{s:?}");
 }
 
@@ -135,6 +138,9 @@ fn many_threads_against_shadows_with_a_tiny_budget() {
         pr.flush().unwrap();
         let mut far = vec![0u8; pr.len()];
         pr.region().read(0, &mut far).unwrap();
-        assert!(far == mem.bytes()[..], "{name}: far copy differs after flush");
+        assert!(
+            far == mem.bytes()[..],
+            "{name}: far copy differs after flush"
+        );
     }
 }

@@ -586,4 +586,3 @@ pub(crate) fn thread_started() {
         hook();
     }
 }
-

@@ -30,7 +30,9 @@ impl FromStr for Budget {
                 .parse()
                 .map_err(|_| format!("bad local memory {s:?}: expected a percentage like 25%"))?;
             if !(v > 0.0 && v <= 100.0) {
-                return Err(format!("bad local memory {s:?}: a percentage must be in (0, 100]"));
+                return Err(format!(
+                    "bad local memory {s:?}: a percentage must be in (0, 100]"
+                ));
             }
             return Ok(Budget::Fraction(v / 100.0));
         }
@@ -39,7 +41,9 @@ impl FromStr for Budget {
                 .parse()
                 .map_err(|_| format!("bad local memory {s:?}: expected 0.25, 25% or 512MiB"))?;
             if !(v > 0.0 && v <= 1.0) {
-                return Err(format!("bad local memory {s:?}: a fraction must be in (0, 1]"));
+                return Err(format!(
+                    "bad local memory {s:?}: a fraction must be in (0, 1]"
+                ));
             }
             return Ok(Budget::Fraction(v));
         }
@@ -110,16 +114,24 @@ impl PagerConfig {
             return Err(format!("handlers must be 1..=64, not {}", self.handlers));
         }
         if !self.fetch_unit.is_power_of_two() || self.fetch_unit > 512 {
-            return Err(format!("fetch unit must be a power of two up to 512 pages, not {}", self.fetch_unit));
+            return Err(format!(
+                "fetch unit must be a power of two up to 512 pages, not {}",
+                self.fetch_unit
+            ));
         }
         if !(0.0..=0.9).contains(&self.inactive_fraction) {
-            return Err(format!("inactive fraction must be in [0, 0.9], not {}", self.inactive_fraction));
+            return Err(format!(
+                "inactive fraction must be in [0, 0.9], not {}",
+                self.inactive_fraction
+            ));
         }
         if self.writeback_batch == 0 {
             return Err("write-back batch must be at least 1".into());
         }
         match self.budget {
-            Budget::Fraction(f) if !(f > 0.0 && f <= 1.0) => Err(format!("budget fraction {f} is not in (0, 1]")),
+            Budget::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                Err(format!("budget fraction {f} is not in (0, 1]"))
+            }
             Budget::Bytes(b) if b < MIN_PAGES * PAGE as u64 => {
                 Err(format!("budget {b} bytes is below {MIN_PAGES} pages"))
             }
@@ -136,7 +148,10 @@ mod tests {
     fn budgets_parse() {
         assert_eq!("25%".parse::<Budget>().unwrap(), Budget::Fraction(0.25));
         assert_eq!("0.5".parse::<Budget>().unwrap(), Budget::Fraction(0.5));
-        assert_eq!("512MiB".parse::<Budget>().unwrap(), Budget::Bytes(512 << 20));
+        assert_eq!(
+            "512MiB".parse::<Budget>().unwrap(),
+            Budget::Bytes(512 << 20)
+        );
         for bad in ["0%", "101%", "abc", "1.5", "-3%", "4KiB", ""] {
             assert!(bad.parse::<Budget>().is_err(), "{bad} accepted");
         }

@@ -23,7 +23,7 @@ use std::cell::Cell;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
-use remora_client::{Cluster, ClientOptions};
+use remora_client::{ClientOptions, Cluster};
 use talc::{ErrOnOom, Span, Talc};
 
 use crate::config::{Budget, PagerConfig};
@@ -123,20 +123,27 @@ impl HeapOptions {
                 return Ok(None);
             }
         }
-        let token = var("REMORA_TOKEN").ok_or("REMORA_CONTROLLER is set but REMORA_TOKEN is not")?;
+        let token =
+            var("REMORA_TOKEN").ok_or("REMORA_CONTROLLER is set but REMORA_TOKEN is not")?;
         let mut pager = PagerConfig::default();
         if let Some(b) = var("REMORA_LOCAL_MEM") {
             pager.budget = b.parse::<Budget>()?;
         }
         let size = match var("REMORA_HEAP_SIZE") {
-            Some(s) => remora_proto::size::parse_size(&s).map_err(|e| format!("REMORA_HEAP_SIZE: {e}"))?,
+            Some(s) => {
+                remora_proto::size::parse_size(&s).map_err(|e| format!("REMORA_HEAP_SIZE: {e}"))?
+            }
             None => DEFAULT_HEAP_SIZE,
         };
         if let Some(w) = var("REMORA_PREFETCH") {
-            pager.prefetch_window = w.parse().map_err(|_| format!("REMORA_PREFETCH: bad window {w:?}"))?;
+            pager.prefetch_window = w
+                .parse()
+                .map_err(|_| format!("REMORA_PREFETCH: bad window {w:?}"))?;
         }
         if let Some(u) = var("REMORA_FETCH_UNIT") {
-            pager.fetch_unit = u.parse().map_err(|_| format!("REMORA_FETCH_UNIT: bad unit {u:?}"))?;
+            pager.fetch_unit = u
+                .parse()
+                .map_err(|_| format!("REMORA_FETCH_UNIT: bad unit {u:?}"))?;
         }
         if let Some(e) = var("REMORA_EVICTION") {
             pager.inactive_fraction = match e.as_str() {
@@ -164,24 +171,21 @@ impl HeapOptions {
 pub fn start(opts: &HeapOptions) -> Result<&'static FarHeap, PagingError> {
     as_internal(|| {
         if far_heap().is_some() {
-            return Err(PagingError::Config("the far heap is already running".into()));
+            return Err(PagingError::Config(
+                "the far heap is already running".into(),
+            ));
         }
         remora_client::set_thread_start_hook(mark_internal_thread);
-        let cluster = Cluster::connect_with(&opts.controller, &opts.token, ClientOptions::default())
-            .map_err(PagingError::Far)?;
+        let cluster =
+            Cluster::connect_with(&opts.controller, &opts.token, ClientOptions::default())
+                .map_err(PagingError::Far)?;
         let region = match &opts.region_name {
             // A process that exec'd finds the region of its previous image
             // under its name; nothing uses it any more, so it is reused.
             Some(n) => match cluster.alloc_named(n, opts.size) {
-                Err(e) if e.code() == Some(remora_proto::ErrorCode::NameTaken) => {
-                    cluster.open_region(n).and_then(|r| {
-                        if r.size() >= opts.size {
-                            Ok(r)
-                        } else {
-                            Err(e)
-                        }
-                    })
-                }
+                Err(e) if e.code() == Some(remora_proto::ErrorCode::NameTaken) => cluster
+                    .open_region(n)
+                    .and_then(|r| if r.size() >= opts.size { Ok(r) } else { Err(e) }),
                 other => other,
             },
             None => cluster.alloc_region(opts.size),
@@ -196,7 +200,9 @@ pub fn start(opts: &HeapOptions) -> Result<&'static FarHeap, PagingError> {
         // the handlers already running).
         let claimed = unsafe { talc.claim(Span::new(start as *mut u8, end as *mut u8)) };
         if claimed.is_err() {
-            return Err(PagingError::Config("the far heap is too small to hold anything".into()));
+            return Err(PagingError::Config(
+                "the far heap is too small to hold anything".into(),
+            ));
         }
         let heap = Box::new(FarHeap {
             arena: Arena::new(talc),
@@ -212,7 +218,9 @@ pub fn start(opts: &HeapOptions) -> Result<&'static FarHeap, PagingError> {
         {
             // SAFETY: p came from Box::into_raw above and was not published.
             drop(unsafe { Box::from_raw(p) });
-            return Err(PagingError::Config("the far heap is already running".into()));
+            return Err(PagingError::Config(
+                "the far heap is already running".into(),
+            ));
         }
         register_fork_handlers();
         // SAFETY: p was published above and is never freed.
@@ -256,7 +264,12 @@ impl FarHeap {
     ///
     /// # Safety
     /// `ptr` must have come from [`FarHeap::alloc`] with `layout`.
-    pub unsafe fn resize_in_place(&self, ptr: NonNull<u8>, layout: Layout, new_size: usize) -> Option<NonNull<u8>> {
+    pub unsafe fn resize_in_place(
+        &self,
+        ptr: NonNull<u8>,
+        layout: Layout,
+        new_size: usize,
+    ) -> Option<NonNull<u8>> {
         if layout.size() == 0 || new_size == 0 {
             return None;
         }
@@ -306,7 +319,13 @@ fn register_fork_handlers() {
     ONCE.call_once(|| {
         // SAFETY: the three handlers are plain extern "C" functions that live
         // for the whole process.
-        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
+        unsafe {
+            libc::pthread_atfork(
+                Some(before_fork),
+                Some(after_fork_parent),
+                Some(after_fork_child),
+            )
+        };
     });
 }
 

@@ -36,7 +36,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::NonNull;
 
 pub use config::{Budget, PagerConfig};
-pub use heap::{as_internal, far_heap, is_internal_thread, mark_internal_thread, FarHeap, HeapOptions};
+pub use heap::{
+    as_internal, far_heap, is_internal_thread, mark_internal_thread, FarHeap, HeapOptions,
+};
 pub use pager::{PagedRegion, PagerStats};
 
 /// Errors from setting up far memory.

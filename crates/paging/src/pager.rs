@@ -64,6 +64,8 @@ const FETCHING: u8 = 1;
 const CLEAN: u8 = 2;
 const DIRTY: u8 = 3;
 const INACTIVE: u8 = 4;
+/// The page could not be fetched; touching it raises SIGBUS. Never claimed again.
+const POISONED: u8 = 5;
 
 /// The far region holds this page's bytes.
 const FAR_VALID: u8 = 1;
@@ -206,7 +208,8 @@ fn map_anon(len: usize) -> Result<NonNull<u8>, PagingError> {
     if p == libc::MAP_FAILED {
         return Err(PagingError::Map(std::io::Error::last_os_error()));
     }
-    NonNull::new(p.cast()).ok_or_else(|| PagingError::Map(std::io::Error::other("mmap returned null")))
+    NonNull::new(p.cast())
+        .ok_or_else(|| PagingError::Map(std::io::Error::other("mmap returned null")))
 }
 
 #[derive(Debug, Default)]
@@ -279,11 +282,15 @@ impl PagedRegion {
         cfg.validate().map_err(PagingError::Config)?;
         let len = region.size() as usize / PAGE * PAGE;
         if len == 0 {
-            return Err(PagingError::Config("the region is smaller than one page".into()));
+            return Err(PagingError::Config(
+                "the region is smaller than one page".into(),
+            ));
         }
         let pages = (len / PAGE) as u64;
         if pages > u32::MAX as u64 {
-            return Err(PagingError::Config("the region is too large (over 16 TiB)".into()));
+            return Err(PagingError::Config(
+                "the region is too large (over 16 TiB)".into(),
+            ));
         }
         let uffd = Uffd::open().map_err(PagingError::Userfaultfd)?;
         let base = map_anon(len)?;
@@ -295,12 +302,23 @@ impl PagedRegion {
             unsafe { libc::munmap(base.as_ptr().cast(), len) };
             return Err(PagingError::Userfaultfd(e));
         }
+        if let Budget::Bytes(b) = cfg.budget {
+            if b / (PAGE as u64) < 4 * cfg.fetch_unit as u64 {
+                return Err(PagingError::Config(format!(
+                    "a budget of {b} bytes is too small for a fetch unit of {} pages",
+                    cfg.fetch_unit
+                )));
+            }
+        }
         let max_budget = match cfg.budget {
             Budget::Bytes(b) => (b / PAGE as u64).min(pages),
-            Budget::Fraction(f) => ((pages as f64 * f).ceil() as u64).max(cfg.min_pages).min(pages),
+            Budget::Fraction(f) => ((pages as f64 * f).ceil() as u64)
+                .max(cfg.min_pages)
+                .min(pages),
         };
-        let slot_cap = ((max_budget as f64 * cfg.inactive_fraction) as usize + 2 * cfg.writeback_batch + 8)
-            .min(pages as usize + 1);
+        let slot_cap =
+            ((max_budget as f64 * cfg.inactive_fraction) as usize + 2 * cfg.writeback_batch + 8)
+                .min(pages as usize + 1);
         let slots = match Slots::new(slot_cap) {
             Ok(s) => s,
             Err(e) => {
@@ -354,12 +372,15 @@ impl PagedRegion {
         let mut started = Ok(());
         for i in 0..inner.cfg.handlers {
             let me = inner.clone();
-            started = started.and_then(|_| spawn(format!("remora-fault-{i}"), Box::new(move || me.handler())));
+            started = started
+                .and_then(|_| spawn(format!("remora-fault-{i}"), Box::new(move || me.handler())));
         }
         let me = inner.clone();
-        started = started.and_then(|_| spawn("remora-evict".into(), Box::new(move || me.evictor())));
+        started =
+            started.and_then(|_| spawn("remora-evict".into(), Box::new(move || me.evictor())));
         let me = inner.clone();
-        started = started.and_then(|_| spawn("remora-prefetch".into(), Box::new(move || me.prefetcher())));
+        started = started
+            .and_then(|_| spawn("remora-prefetch".into(), Box::new(move || me.prefetcher())));
         let pr = PagedRegion { inner, threads };
         started.map(|_| pr)
     }
@@ -464,13 +485,19 @@ impl Inner {
                 ((t * f).ceil() as u64).max(self.cfg.min_pages)
             }
         };
-        b.clamp(crate::config::MIN_PAGES, self.pages.max(crate::config::MIN_PAGES))
+        b.clamp(
+            crate::config::MIN_PAGES,
+            self.pages.max(crate::config::MIN_PAGES),
+        )
     }
 
     /// Free pages the evictor keeps below the budget: (low, high).
     fn watermarks(&self, budget: u64) -> (u64, u64) {
-        let low = (budget / 64).clamp(1, 1024);
-        let high = (budget / 32).clamp(2, 2048).min(budget / 2).max(low);
+        // A demand fault reserves up to a fetch unit at once: the evictor must
+        // start before a unit no longer fits, or the fault would wait forever.
+        let unit = self.cfg.fetch_unit as u64;
+        let low = (budget / 64).clamp(1, 1024).max(unit);
+        let high = (budget / 32).clamp(2, 2048).min(budget / 2).max(low + unit);
         (low, high)
     }
 
@@ -573,21 +600,29 @@ impl Inner {
     ///
     /// # Safety
     /// `src` must be readable for one page.
-    unsafe fn install(&self, p: u32, src: *const u8, protect: bool) {
+    /// Returns false if the page is not mapped afterwards.
+    unsafe fn install(&self, p: u32, src: *const u8, protect: bool) -> bool {
         let addr = self.addr(p);
         // SAFETY: by the caller's contract for src; addr is a page of our
         // registered range.
-        if let Err(e) = unsafe { self.uffd.copy(addr, src, PAGE, protect) } {
-            if e.raw_os_error() != Some(libc::EEXIST) {
+        match unsafe { self.uffd.copy(addr, src, PAGE, protect) } {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = self.uffd.wake(addr, PAGE);
+                if e.raw_os_error() == Some(libc::EEXIST) {
+                    return true;
+                }
                 eprintln!("remora: installing far page {p}: {e}");
+                false
             }
-            let _ = self.uffd.wake(addr, PAGE);
         }
     }
 
     /// Publishes a newly mapped page: new generation, onto the active list.
     fn activate(&self, p: u32) {
-        let g = self.gen[p as usize].fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        let g = self.gen[p as usize]
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
         self.lists.lock().active.push_back((p, g));
     }
 
@@ -696,7 +731,12 @@ impl Inner {
                 }
                 return;
             }
-            _ => unreachable!("page state out of range"),
+            _ => {
+                // POISONED: the retry raises SIGBUS.
+                drop(g);
+                let _ = self.uffd.wake(self.addr(p), PAGE);
+                return;
+            }
         }
         // ABSENT: claim it, and the rest of its fetch unit that is absent too.
         self.set(p, FETCHING);
@@ -718,6 +758,12 @@ impl Inner {
         }
         mine.sort_unstable();
         if !self.reserve(mine.len() as u64, false) {
+            // Shutting down: release the claims and let the threads retry.
+            for &q in &mine {
+                let _g = self.lock(q);
+                self.set(q, ABSENT);
+                let _ = self.uffd.wake(self.addr(q), PAGE);
+            }
             return;
         }
         self.fetch_and_install(&mine, Some((p, write)), buf);
@@ -728,9 +774,14 @@ impl Inner {
     /// whether it had been prefetched (and so is now a hit).
     fn reactivate(&self, p: u32, write: bool) -> bool {
         let s = self.slot_of[p as usize].load(Ordering::Acquire);
-        let dirty = write || self.clear_flag(p, SLOT_DIRTY);
+        let was_dirty = self.flag(p, SLOT_DIRTY);
+        let dirty = was_dirty || write;
         // SAFETY: the slot holds this page's bytes (it is INACTIVE and owns slot `s`).
-        unsafe { self.install(p, self.slots.ptr(s), !dirty) };
+        if !unsafe { self.install(p, self.slots.ptr(s), !dirty) } {
+            // Stays inactive; the woken thread faults again.
+            return false;
+        }
+        self.clear_flag(p, SLOT_DIRTY);
         self.set(p, if dirty { DIRTY } else { CLEAN });
         if !self.slots.writing[s as usize].load(Ordering::Acquire) {
             self.slots.give(s);
@@ -748,7 +799,11 @@ impl Inner {
     /// demand page, if any, is installed writable when the fault was a write.
     fn fetch_and_install(&self, pages: &[u32], demand: Option<(u32, bool)>, buf: &mut Vec<u8>) {
         // Pages never written back need no fetch.
-        let far: Vec<u32> = pages.iter().copied().filter(|&q| self.flag(q, FAR_VALID)).collect();
+        let far: Vec<u32> = pages
+            .iter()
+            .copied()
+            .filter(|&q| self.flag(q, FAR_VALID))
+            .collect();
         let mut result = Ok(());
         if !far.is_empty() {
             let lo = far[0];
@@ -781,7 +836,11 @@ impl Inner {
             };
             let _g = self.lock(q);
             // SAFETY: src points at one page (the zero page or a fetched page inside `buf`).
-            unsafe { self.install(q, src, !writable) };
+            if !unsafe { self.install(q, src, !writable) } {
+                self.set(q, ABSENT);
+                self.unreserve(1);
+                continue;
+            }
             self.set(q, if writable { DIRTY } else { CLEAN });
             self.touch(q);
             self.activate(q);
@@ -793,7 +852,7 @@ impl Inner {
     /// spinning forever; a prefetch is just dropped.
     fn fail_page(&self, p: u32, demanded: bool, e: &remora_client::ClientError) {
         let _g = self.lock(p);
-        self.set(p, ABSENT);
+        self.set(p, if demanded { POISONED } else { ABSENT });
         self.clear_flag(p, PREFETCHED);
         self.unreserve(1);
         let addr = self.addr(p);
@@ -868,7 +927,8 @@ impl Inner {
             let job = {
                 let mut q = self.prefetch_q.lock();
                 if q.is_empty() {
-                    self.prefetch_cv.wait_for(&mut q, Duration::from_millis(100));
+                    self.prefetch_cv
+                        .wait_for(&mut q, Duration::from_millis(100));
                 }
                 q.pop_front()
             };
@@ -930,7 +990,9 @@ impl Inner {
                     self.slot_of[q as usize].store(s, Ordering::Release);
                     self.set(q, INACTIVE);
                     self.touch(q);
-                    let g = self.gen[q as usize].fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+                    let g = self.gen[q as usize]
+                        .fetch_add(1, Ordering::AcqRel)
+                        .wrapping_add(1);
                     self.lists.lock().inactive.push_back((q, g));
                     // A fault may be waiting on it already.
                     let _ = self.uffd.wake(self.addr(q), PAGE);
@@ -938,7 +1000,12 @@ impl Inner {
                 }
             }
             // SAFETY: b is one fetched page.
-            unsafe { self.install(q, b.as_ptr(), true) };
+            if !unsafe { self.install(q, b.as_ptr(), true) } {
+                self.set(q, ABSENT);
+                self.clear_flag(q, PREFETCHED);
+                self.unreserve(1);
+                continue;
+            }
             self.set(q, CLEAN);
             self.touch(q);
             self.activate(q);
@@ -953,7 +1020,9 @@ impl Inner {
                 let mut g = self.room.lock();
                 let b = self.budget();
                 let (low, _) = self.watermarks(b);
-                if self.paused.load(Ordering::Acquire) || self.resident.load(Ordering::Acquire) + low <= b {
+                if self.paused.load(Ordering::Acquire)
+                    || self.resident.load(Ordering::Acquire) + low <= b
+                {
                     self.evict_cv.wait_for(&mut g, Duration::from_millis(20));
                     continue;
                 }
@@ -1054,11 +1123,16 @@ impl Inner {
         // SAFETY: dropping one page of our own range; its bytes are in the slot.
         let r = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
         if r != 0 {
-            eprintln!("remora: dropping far page {p}: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "remora: dropping far page {p}: {}",
+                std::io::Error::last_os_error()
+            );
         }
         self.slot_of[p as usize].store(s, Ordering::Release);
         self.set(p, INACTIVE);
-        let g = self.gen[p as usize].fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        let g = self.gen[p as usize]
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
         self.lists.lock().inactive.push_back((p, g));
         bump(&self.stats.deactivations, 1);
         true
@@ -1086,7 +1160,10 @@ impl Inner {
         let ok = match self.region.write_vectored(&reqs) {
             Ok(()) => true,
             Err(e) => {
-                eprintln!("remora: writing back {} pages: {e}; will retry", dirty.len());
+                eprintln!(
+                    "remora: writing back {} pages: {e}; will retry",
+                    dirty.len()
+                );
                 false
             }
         };
@@ -1097,7 +1174,8 @@ impl Inner {
         for &(p, s) in dirty {
             let _l = self.lock(p);
             self.slots.writing[s as usize].store(false, Ordering::Release);
-            let still = self.st(p) == INACTIVE && self.slot_of[p as usize].load(Ordering::Acquire) == s;
+            let still =
+                self.st(p) == INACTIVE && self.slot_of[p as usize].load(Ordering::Acquire) == s;
             if ok {
                 self.set_flag(p, FAR_VALID);
                 if still {
@@ -1133,7 +1211,18 @@ impl Inner {
                 .iter()
                 .map(|(p, b)| (*p as u64 * PAGE as u64, b.as_slice()))
                 .collect();
-            self.region.write_vectored(&reqs).map_err(PagingError::Far)?;
+            if let Err(e) = self.region.write_vectored(&reqs) {
+                // Nothing was marked written: make the pages dirty again.
+                for (p, _) in batch.drain(..) {
+                    let _l = self.lock(p);
+                    match self.st(p) {
+                        CLEAN => self.set(p, DIRTY),
+                        INACTIVE => self.set_flag(p, SLOT_DIRTY),
+                        _ => {}
+                    }
+                }
+                return Err(PagingError::Far(e));
+            }
             bump(&self.stats.pages_written, batch.len() as u64);
             for (p, _) in batch.drain(..) {
                 self.set_flag(p, FAR_VALID);
@@ -1145,10 +1234,14 @@ impl Inner {
             match self.st(p) {
                 DIRTY => {
                     let addr = self.addr(p);
-                    self.uffd.write_protect(addr, PAGE, true).map_err(PagingError::Userfaultfd)?;
+                    self.uffd
+                        .write_protect(addr, PAGE, true)
+                        .map_err(PagingError::Userfaultfd)?;
                     let mut b = vec![0u8; PAGE];
                     // SAFETY: the page is mapped and now write-protected.
-                    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, b.as_mut_ptr(), PAGE) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(addr as *const u8, b.as_mut_ptr(), PAGE)
+                    };
                     self.set(p, CLEAN);
                     batch.push((p, b));
                 }
@@ -1174,6 +1267,19 @@ impl Inner {
         self.paused.store(true, Ordering::Release);
         // Wait for an eviction round in progress to finish.
         drop(self.evicting.lock());
+        self.fill_pass();
+        // Wait for prefetches in flight (they may park a marker page in a
+        // slot after the first pass went by), then fill again.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (0..self.pages as u32).any(|q| self.st(q) == FETCHING) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.fill_pass();
+        Ok(())
+    }
+
+    /// Makes every page with far data, or in a slot, mapped.
+    fn fill_pass(&self) {
         let mut buf = vec![0u8; PAGE * 64];
         let mut run: Vec<u32> = Vec::new();
         for p in 0..self.pages as u32 {
@@ -1204,12 +1310,6 @@ impl Inner {
             self.reserve(run.len() as u64, true);
             self.fetch_and_install(&run, None, &mut buf);
         }
-        // Wait for prefetches in flight.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while (0..self.pages as u32).any(|q| self.st(q) == FETCHING) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
     }
 }
 

@@ -158,7 +158,11 @@ mod tests {
         assert_eq!(pages.first(), Some(&9));
         assert!(pages.iter().all(|&p| p < 10));
         // Near page zero the proposal stops at the start of the range.
-        let near = Proposal { start: 2, stride: -3, count: 8 };
+        let near = Proposal {
+            start: 2,
+            stride: -3,
+            count: 8,
+        };
         assert_eq!(near.pages(100).collect::<Vec<_>>(), vec![2]);
     }
 

@@ -216,7 +216,13 @@ impl Uffd {
     /// # Safety
     /// `src` must be readable for `len` bytes; `dst` must be page-aligned
     /// inside a range registered on this descriptor.
-    pub unsafe fn copy(&self, dst: usize, src: *const u8, len: usize, protect: bool) -> io::Result<()> {
+    pub unsafe fn copy(
+        &self,
+        dst: usize,
+        src: *const u8,
+        len: usize,
+        protect: bool,
+    ) -> io::Result<()> {
         let mut arg = CopyArg {
             dst: dst as u64,
             src: src as u64,
@@ -286,7 +292,10 @@ impl Uffd {
                 return Ok(None);
             }
             if r as usize != msg.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "short userfaultfd read"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "short userfaultfd read",
+                ));
             }
             return Ok(Some(decode(&msg)));
         }
@@ -381,6 +390,12 @@ mod tests {
         m[0] = EVENT_REMOVE;
         m[8..16].copy_from_slice(&0x1000u64.to_ne_bytes());
         m[16..24].copy_from_slice(&0x3000u64.to_ne_bytes());
-        assert_eq!(decode(&m), Event::Remove { start: 0x1000, end: 0x3000 });
+        assert_eq!(
+            decode(&m),
+            Event::Remove {
+                start: 0x1000,
+                end: 0x3000
+            }
+        );
     }
 }

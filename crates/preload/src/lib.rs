@@ -94,7 +94,8 @@ fn far_alloc(h: &FarHeap, size: usize, align: usize) -> Option<*mut c_void> {
         let user = base.as_ptr().add(offset);
         let hdr = user.sub(HEADER).cast::<u64>();
         hdr.write(size as u64);
-        hdr.add(1).write(offset as u64 | ((align.max(HEADER).trailing_zeros() as u64) << 32));
+        hdr.add(1)
+            .write(offset as u64 | ((align.max(HEADER).trailing_zeros() as u64) << 32));
         Some(user.cast())
     }
 }
@@ -386,7 +387,11 @@ extern "C" fn write_stats() {
         s.budget_pages,
     );
     heap::as_internal(|| {
-        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+        {
             let _ = f.write_all(line.as_bytes());
         }
     });

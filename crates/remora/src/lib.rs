@@ -7,5 +7,6 @@
 
 pub use remora_client::*;
 pub use remora_paging::{
-    far_heap, Budget, FarAlloc, FarHeap, HeapOptions, PagedRegion, PagerConfig, PagerStats, PagingError,
+    far_heap, Budget, FarAlloc, FarHeap, HeapOptions, PagedRegion, PagerConfig, PagerStats,
+    PagingError,
 };
