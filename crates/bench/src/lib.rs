@@ -4,9 +4,12 @@
 //! * [`slabs`]: the costs of a slab size (`remora bench slabs`).
 //! * [`micro`]: region read/write latency and pipelined throughput against
 //!   a raw loopback TCP ping-pong of the same sizes (`remora bench micro`).
+//! * [`paging`]: far page faults and scans at shrinking local memory against
+//!   raw userfaultfd, raw TCP and zram swap (`remora bench paging`).
 //! * [`redundancy`]: none vs replication vs erasure coding, healthy and
 //!   through a server's death and rebuild (`remora bench redundancy`).
 
 pub mod micro;
+pub mod paging;
 pub mod redundancy;
 pub mod slabs;

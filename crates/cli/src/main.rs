@@ -232,6 +232,25 @@ enum BenchCmd {
         #[arg(long, value_delimiter = ',', default_value = "64KiB,256KiB,1MiB,4MiB,16MiB", value_parser = size_arg)]
         sizes: Vec<u64>,
     },
+    /// Far page faults and array scans at shrinking local memory, against raw
+    /// userfaultfd + TCP, all-local memory, raw TCP streaming and zram swap.
+    Paging {
+        /// Bytes in the scanned array.
+        #[arg(long, default_value = "2GiB", value_parser = size_arg)]
+        size: u64,
+        /// Random 8-byte reads per random scan.
+        #[arg(long, default_value_t = 200_000)]
+        random_reads: u64,
+        /// Local memory ratios in percent.
+        #[arg(long, value_delimiter = ',', default_value = "100,75,50,25,10")]
+        ratios: Vec<u32>,
+        /// Skip the zram swap comparison.
+        #[arg(long)]
+        no_zram: bool,
+    },
+    /// Internal: the zram comparison's worker process.
+    #[command(hide = true)]
+    ZramWorker { size: u64, reads: u64 },
     /// Replication vs erasure coding vs none: latency, throughput, memory,
     /// reads through a server's death and rebuild (8 servers, kills two).
     Redundancy {
@@ -320,6 +339,13 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Region(c) => region_cmd::run(c),
         Cmd::Bench(BenchCmd::Micro(a)) => micro(a),
         Cmd::Bench(BenchCmd::Slabs { sizes }) => slabs(sizes),
+        Cmd::Bench(BenchCmd::Paging {
+            size,
+            random_reads,
+            ratios,
+            no_zram,
+        }) => paging_bench(size, random_reads, ratios, no_zram),
+        Cmd::Bench(BenchCmd::ZramWorker { size, reads }) => remora_bench::paging::zram_worker(size, reads),
         Cmd::Bench(BenchCmd::Redundancy {
             region,
             ops,
@@ -701,3 +727,41 @@ fn slabs(sizes: Vec<u64>) -> Result<()> {
     }
     Ok(())
 }
+
+fn paging_bench(size: u64, random_reads: u64, ratios: Vec<u32>, no_zram: bool) -> Result<()> {
+    if ratios.is_empty() || ratios.iter().any(|&r| r == 0 || r > 100) {
+        bail!("--ratios must be percentages in 1..=100");
+    }
+    if size < 16 << 20 {
+        bail!("--size must be at least 16MiB");
+    }
+    let cfg = EmbeddedConfig {
+        servers: 2,
+        capacity_per_server: size + (1 << 30),
+        controller_listen: "127.0.0.1:0".into(),
+        slab_size: 1 << 20,
+        data_dir: None,
+        inject_latency: None,
+        placement: "p2c".into(),
+        controller_args: Vec::new(),
+    };
+    eprintln!("starting an embedded cluster (2 servers) and a raw TCP server ...");
+    let cl = Embedded::start(&cfg)?;
+    let raw = embedded::spawn_announcing("raw TCP server", &["bench".to_string(), "raw-server".to_string()])?;
+    let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
+    let exe = std::env::current_exe().context("locating the remora binary")?;
+    let worker = vec![
+        exe.display().to_string(),
+        "bench".to_string(),
+        "zram-worker".to_string(),
+    ];
+    let opts = remora_bench::paging::PagingOptions {
+        size,
+        random_reads,
+        ratios,
+        zram: !no_zram,
+        ..Default::default()
+    };
+    remora_bench::paging::run(&cluster, &raw.addr, &opts, &worker)
+}
+
