@@ -199,7 +199,8 @@ fn random_scan(p: *const u8, len: usize, reads: u64, seed: u64) -> u64 {
     for _ in 0..reads {
         let w = xorshift(&mut x) % words;
         // SAFETY: w < words, so the 8 bytes are inside the mapping.
-        sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(p.add(w as usize * 8).cast::<u64>()) });
+        sum = sum
+            .wrapping_add(unsafe { std::ptr::read_volatile(p.add(w as usize * 8).cast::<u64>()) });
     }
     sum
 }
@@ -215,7 +216,13 @@ fn fill(p: *mut u8, len: usize) {
 }
 
 /// One paged region holding the filled array, at `ratio`% local memory.
-fn paged_array(cluster: &Cluster, size: u64, ratio: u32, prefetch: bool, eviction_fifo: bool) -> Result<PagedRegion> {
+fn paged_array(
+    cluster: &Cluster,
+    size: u64,
+    ratio: u32,
+    prefetch: bool,
+    eviction_fifo: bool,
+) -> Result<PagedRegion> {
     let region = cluster.alloc_region(size)?;
     let budget = (size * ratio as u64 / 100).max(64 * PAGE as u64);
     let cfg = PagerConfig {
@@ -231,7 +238,12 @@ fn paged_array(cluster: &Cluster, size: u64, ratio: u32, prefetch: bool, evictio
 
 /// Runs the benchmark against `cluster`, with the raw server at `raw_addr`;
 /// `self_exe` re-runs this binary as the zram worker. Prints the tables.
-pub fn run(cluster: &Cluster, raw_addr: &str, opts: &PagingOptions, zram_worker: &[String]) -> Result<()> {
+pub fn run(
+    cluster: &Cluster,
+    raw_addr: &str,
+    opts: &PagingOptions,
+    zram_worker: &[String],
+) -> Result<()> {
     let size = opts.size / PAGE as u64 * PAGE as u64;
     println!("== far page fault (prefetch off, 1/16 local, random pages)");
     let (uf50, uf99) = raw_fault_us(opts.faults)?;
@@ -265,7 +277,9 @@ pub fn run(cluster: &Cluster, raw_addr: &str, opts: &PagingOptions, zram_worker:
     let floor = uf50 + rt50;
     println!("  raw userfaultfd fault (handler thread, UFFDIO_COPY): p50 {uf50:6.1} µs  p99 {uf99:6.1} µs");
     println!("  raw TCP 4 KiB round trip:                           p50 {rt50:6.1} µs  p99 {rt99:6.1} µs");
-    println!("  Remora far page fault:                              p50 {f50:6.1} µs  p99 {f99:6.1} µs");
+    println!(
+        "  Remora far page fault:                              p50 {f50:6.1} µs  p99 {f99:6.1} µs"
+    );
     println!(
         "  far fault / (raw fault + raw round trip): p50 {:.2}x  (target <= 1.2x)",
         f50 / floor
@@ -296,7 +310,12 @@ pub fn run(cluster: &Cluster, raw_addr: &str, opts: &PagingOptions, zram_worker:
     );
     println!(
         "  {:>6} | {:>22} | {:>22} | {:>22} | {:>22} | {:>10}",
-        "local", "seq, prefetch (x local)", "seq, no prefetch", "random, prefetch", "random, no prefetch", "seq/TCP"
+        "local",
+        "seq, prefetch (x local)",
+        "seq, no prefetch",
+        "random, prefetch",
+        "random, no prefetch",
+        "seq/TCP"
     );
     let mut results = Vec::new();
     for &ratio in &opts.ratios {
@@ -352,7 +371,11 @@ pub fn run(cluster: &Cluster, raw_addr: &str, opts: &PagingOptions, zram_worker:
         let t = Instant::now();
         for _ in 0..opts.random_reads {
             let r = xorshift(&mut x);
-            let page = if r % 10 < 9 { (r >> 8) as usize % hot } else { (r >> 8) as usize % pages };
+            let page = if r % 10 < 9 {
+                (r >> 8) as usize % hot
+            } else {
+                (r >> 8) as usize % pages
+            };
             // SAFETY: inside the mapping.
             let _ = unsafe { std::ptr::read_volatile(pr.base().add(page * PAGE + 64)) };
         }
@@ -409,9 +432,17 @@ fn sh(cmd: &str, args: &[&str]) -> Result<()> {
 }
 
 /// Sets up zram swap, runs the worker under each memory limit, tears down.
-fn zram_compare(size: u64, opts: &PagingOptions, worker: &[String], rand_local: f64) -> Result<Vec<(u32, f64)>> {
+fn zram_compare(
+    size: u64,
+    opts: &PagingOptions,
+    worker: &[String],
+    rand_local: f64,
+) -> Result<Vec<(u32, f64)>> {
     let cg_root = "/sys/fs/cgroup/memory";
-    if !std::path::Path::new(cg_root).join("memory.limit_in_bytes").exists() {
+    if !std::path::Path::new(cg_root)
+        .join("memory.limit_in_bytes")
+        .exists()
+    {
         bail!("no cgroup v1 memory controller at {cg_root}");
     }
     let id = std::fs::read_to_string("/sys/class/zram-control/hot_add")
@@ -426,7 +457,10 @@ fn zram_compare(size: u64, opts: &PagingOptions, worker: &[String], rand_local: 
         let _ = std::fs::remove_dir(cg);
     };
     let result = (|| -> Result<Vec<(u32, f64)>> {
-        write(&format!("/sys/block/zram{id}/disksize"), &(size * 2).to_string())?;
+        write(
+            &format!("/sys/block/zram{id}/disksize"),
+            &(size * 2).to_string(),
+        )?;
         sh("mkswap", &[&dev])?;
         sh("swapon", &["-p", "32767", &dev])?;
         std::fs::create_dir(&cg).with_context(|| format!("creating {cg}"))?;
@@ -447,9 +481,14 @@ fn zram_compare(size: u64, opts: &PagingOptions, worker: &[String], rand_local: 
                 .spawn()
                 .context("starting the zram worker")?;
             write(&format!("{cg}/cgroup.procs"), &child.id().to_string())?;
-            child.stdin.take().context("worker stdin")?.write_all(b"go\n")?;
+            child
+                .stdin
+                .take()
+                .context("worker stdin")?
+                .write_all(b"go\n")?;
             let mut line = String::new();
-            std::io::BufReader::new(child.stdout.take().context("worker stdout")?).read_line(&mut line)?;
+            std::io::BufReader::new(child.stdout.take().context("worker stdout")?)
+                .read_line(&mut line)?;
             let _ = child.wait();
             let secs: f64 = line
                 .trim()

@@ -345,7 +345,9 @@ fn run(cmd: Cmd) -> Result<()> {
             ratios,
             no_zram,
         }) => paging_bench(size, random_reads, ratios, no_zram),
-        Cmd::Bench(BenchCmd::ZramWorker { size, reads }) => remora_bench::paging::zram_worker(size, reads),
+        Cmd::Bench(BenchCmd::ZramWorker { size, reads }) => {
+            remora_bench::paging::zram_worker(size, reads)
+        }
         Cmd::Bench(BenchCmd::Redundancy {
             region,
             ops,
@@ -747,7 +749,10 @@ fn paging_bench(size: u64, random_reads: u64, ratios: Vec<u32>, no_zram: bool) -
     };
     eprintln!("starting an embedded cluster (2 servers) and a raw TCP server ...");
     let cl = Embedded::start(&cfg)?;
-    let raw = embedded::spawn_announcing("raw TCP server", &["bench".to_string(), "raw-server".to_string()])?;
+    let raw = embedded::spawn_announcing(
+        "raw TCP server",
+        &["bench".to_string(), "raw-server".to_string()],
+    )?;
     let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
     let exe = std::env::current_exe().context("locating the remora binary")?;
     let worker = vec![
@@ -764,4 +769,3 @@ fn paging_bench(size: u64, random_reads: u64, ratios: Vec<u32>, no_zram: bool) -
     };
     remora_bench::paging::run(&cluster, &raw.addr, &opts, &worker)
 }
-

@@ -959,57 +959,98 @@ impl Inner {
         }
     }
 
+    /// Fetches the claimed pages: one read per contiguous run, installed with
+    /// one copy per run (the marker page apart).
     fn prefetch_fetch(&self, mine: &[u32]) {
-        let mut bufs: Vec<Vec<u8>> = mine.iter().map(|_| vec![0u8; PAGE]).collect();
-        let mut reqs: Vec<(u64, &mut [u8])> = mine
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|(&q, b)| (q as u64 * PAGE as u64, b.as_mut_slice()))
-            .collect();
-        let result = self.region.read_vectored(&mut reqs);
-        drop(reqs);
-        if let Err(e) = result {
-            for &q in mine {
-                self.fail_page(q, false, &e);
-            }
-            return;
-        }
-        bump(&self.stats.pages_fetched, mine.len() as u64);
-        bump(&self.stats.prefetched, mine.len() as u64);
+        let mut pages = mine.to_vec();
+        pages.sort_unstable();
         // The marker: the middle page goes to a slot, not the page table.
-        let marker = (mine.len() >= 4).then(|| mine[mine.len() / 2]);
-        for (&q, b) in mine.iter().zip(&bufs) {
-            let _g = self.lock(q);
-            if self.st(q) != FETCHING {
-                continue;
+        let marker = (pages.len() >= 4).then(|| pages[pages.len() / 2]);
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                j += 1;
             }
-            if Some(q) == marker {
-                if let Some(s) = self.slots.take() {
-                    // SAFETY: the slot was just taken, so nothing else uses it.
-                    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.slots.ptr(s), PAGE) };
-                    self.slot_of[q as usize].store(s, Ordering::Release);
-                    self.set(q, INACTIVE);
-                    self.touch(q);
-                    let g = self.gen[q as usize]
-                        .fetch_add(1, Ordering::AcqRel)
-                        .wrapping_add(1);
-                    self.lists.lock().inactive.push_back((q, g));
-                    // A fault may be waiting on it already.
-                    let _ = self.uffd.wake(self.addr(q), PAGE);
-                    continue;
+            let run = &pages[i..j];
+            let mut buf = vec![0u8; run.len() * PAGE];
+            match self.region.read(run[0] as u64 * PAGE as u64, &mut buf) {
+                Err(e) => {
+                    for &q in run {
+                        self.fail_page(q, false, &e);
+                    }
+                }
+                Ok(()) => {
+                    bump(&self.stats.pages_fetched, run.len() as u64);
+                    bump(&self.stats.prefetched, run.len() as u64);
+                    self.install_run(run, &buf, marker);
                 }
             }
-            // SAFETY: b is one fetched page.
-            if !unsafe { self.install(q, b.as_ptr(), true) } {
-                self.set(q, ABSENT);
-                self.clear_flag(q, PREFETCHED);
-                self.unreserve(1);
+            i = j;
+        }
+    }
+
+    /// Installs a contiguous run of prefetched pages from `buf`.
+    fn install_run(&self, run: &[u32], buf: &[u8], marker: Option<u32>) {
+        let mut k = 0;
+        while k < run.len() {
+            if Some(run[k]) == marker && self.park_marker(run[k], &buf[k * PAGE..(k + 1) * PAGE]) {
+                k += 1;
                 continue;
             }
-            self.set(q, CLEAN);
-            self.touch(q);
-            self.activate(q);
+            let mut e = k + 1;
+            while e < run.len() && Some(run[e]) != marker {
+                e += 1;
+            }
+            // The pages are ours (FETCHING, claimed by this thread): none is
+            // mapped, so one copy installs them all.
+            // SAFETY: buf holds (e - k) pages from index k; the destination
+            // pages are a contiguous part of our range.
+            let whole = unsafe {
+                self.uffd.copy(
+                    self.addr(run[k]),
+                    buf[k * PAGE..].as_ptr(),
+                    (e - k) * PAGE,
+                    true,
+                )
+            };
+            for (n, &q) in run[k..e].iter().enumerate() {
+                let _g = self.lock(q);
+                if whole.is_err() {
+                    // SAFETY: one page of buf.
+                    if !unsafe { self.install(q, buf[(k + n) * PAGE..].as_ptr(), true) } {
+                        self.set(q, ABSENT);
+                        self.clear_flag(q, PREFETCHED);
+                        self.unreserve(1);
+                        continue;
+                    }
+                }
+                self.set(q, CLEAN);
+                self.touch(q);
+                self.activate(q);
+            }
+            k = e;
         }
+    }
+
+    /// Parks a prefetched page in a slot as the marker. False if no slot is free.
+    fn park_marker(&self, q: u32, page: &[u8]) -> bool {
+        let _g = self.lock(q);
+        let Some(s) = self.slots.take() else {
+            return false;
+        };
+        // SAFETY: the slot was just taken, so nothing else uses it; page is one page.
+        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), self.slots.ptr(s), PAGE) };
+        self.slot_of[q as usize].store(s, Ordering::Release);
+        self.set(q, INACTIVE);
+        self.touch(q);
+        let g = self.gen[q as usize]
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
+        self.lists.lock().inactive.push_back((q, g));
+        // A fault may be waiting on it already.
+        let _ = self.uffd.wake(self.addr(q), PAGE);
+        true
     }
 
     // ----- eviction -------------------------------------------------------
@@ -1020,7 +1061,9 @@ impl Inner {
                 let mut g = self.room.lock();
                 let b = self.budget();
                 let (low, _) = self.watermarks(b);
+                // A budget as large as the range never needs eviction.
                 if self.paused.load(Ordering::Acquire)
+                    || b >= self.pages
                     || self.resident.load(Ordering::Acquire) + low <= b
                 {
                     self.evict_cv.wait_for(&mut g, Duration::from_millis(20));
