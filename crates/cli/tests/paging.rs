@@ -28,8 +28,6 @@ fn paged(tc: &TestCluster, size: u64, cfg: PagerConfig) -> PagedRegion {
 /// A shared view of the mapping for threads (the test checks disjoint use).
 #[derive(Clone, Copy)]
 struct Mem(usize, usize);
-// SAFETY (test helper): the mapping outlives the threads using it.
-unsafe impl Send for Mem {}
 
 impl Mem {
     fn bytes(&self) -> &'static mut [u8] {

@@ -337,7 +337,9 @@ extern "C" fn before_fork() {
     if !FORKED.load(Ordering::Relaxed) {
         as_internal(|| {
             if let Err(e) = h.pager.pause_and_fill() {
-                eprintln!("remora: preparing far memory for fork failed: {e}; the child may see stale data");
+                crate::warn(format_args!(
+                    "preparing far memory for fork failed: {e}; the child may see stale data"
+                ));
             }
         });
     }

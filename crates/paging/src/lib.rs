@@ -41,6 +41,23 @@ pub use heap::{
 };
 pub use pager::{PagedRegion, PagerStats};
 
+/// Prints a warning on standard error with a direct `write(2)`. The runtime's
+/// threads must not go through `std`'s stderr machinery, whose buffers (or a
+/// test harness's capture buffer) may live in far memory: touching them from
+/// a fault handler could wait on the handler itself.
+pub fn warn(args: std::fmt::Arguments<'_>) {
+    let msg = as_internal(|| format!("remora: {args}\n"));
+    let mut b = msg.as_bytes();
+    while !b.is_empty() {
+        // SAFETY: writing bytes of a live buffer to fd 2.
+        let n = unsafe { libc::write(2, b.as_ptr().cast(), b.len()) };
+        if n <= 0 {
+            break;
+        }
+        b = &b[n as usize..];
+    }
+}
+
 /// Errors from setting up far memory.
 #[derive(Debug, thiserror::Error)]
 pub enum PagingError {

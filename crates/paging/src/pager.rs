@@ -612,7 +612,7 @@ impl Inner {
                 if e.raw_os_error() == Some(libc::EEXIST) {
                     return true;
                 }
-                eprintln!("remora: installing far page {p}: {e}");
+                crate::warn(format_args!("installing far page {p}: {e}"));
                 false
             }
         }
@@ -688,7 +688,7 @@ impl Inner {
                 }
                 self.set(p, DIRTY);
                 if let Err(e) = self.uffd.write_protect(addr, PAGE, false) {
-                    eprintln!("remora: unprotecting far page {p}: {e}");
+                    crate::warn(format_args!("unprotecting far page {p}: {e}"));
                     let _ = self.uffd.wake(addr, PAGE);
                 }
             }
@@ -857,14 +857,14 @@ impl Inner {
         self.unreserve(1);
         let addr = self.addr(p);
         if demanded {
-            eprintln!(
-                "remora: far page {p} (address {addr:#x}) could not be fetched: {e}; \
+            crate::warn(format_args!(
+                "far page {p} (address {addr:#x}) could not be fetched: {e}; \
                  the access fails with SIGBUS"
-            );
+            ));
             match self.uffd.poison(addr, PAGE) {
                 Ok(true) => {}
                 _ => {
-                    eprintln!("remora: cannot poison the page; aborting");
+                    crate::warn(format_args!("cannot poison the page; aborting"));
                     std::process::abort();
                 }
             }
@@ -1152,7 +1152,7 @@ impl Inner {
         let addr = self.addr(p);
         if st == DIRTY {
             if let Err(e) = self.uffd.write_protect(addr, PAGE, true) {
-                eprintln!("remora: protecting far page {p}: {e}");
+                crate::warn(format_args!("protecting far page {p}: {e}"));
                 self.slots.give(s);
                 self.lists.lock().active.push_back((p, g));
                 return false;
@@ -1166,10 +1166,10 @@ impl Inner {
         // SAFETY: dropping one page of our own range; its bytes are in the slot.
         let r = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
         if r != 0 {
-            eprintln!(
-                "remora: dropping far page {p}: {}",
+            crate::warn(format_args!(
+                "dropping far page {p}: {}",
                 std::io::Error::last_os_error()
-            );
+            ));
         }
         self.slot_of[p as usize].store(s, Ordering::Release);
         self.set(p, INACTIVE);
@@ -1203,10 +1203,10 @@ impl Inner {
         let ok = match self.region.write_vectored(&reqs) {
             Ok(()) => true,
             Err(e) => {
-                eprintln!(
-                    "remora: writing back {} pages: {e}; will retry",
+                crate::warn(format_args!(
+                    "writing back {} pages: {e}; will retry",
                     dirty.len()
-                );
+                ));
                 false
             }
         };

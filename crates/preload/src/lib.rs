@@ -241,7 +241,8 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         unsafe { p.cast::<u8>().sub(HEADER).cast::<u64>().write(size as u64) };
         return p;
     }
-    let q = alloc_aligned(align.min(16).max(16), size);
+    // Keep the block's alignment (memalign blocks can be reallocated too).
+    let q = alloc_aligned(align, size);
     if !q.is_null() {
         // SAFETY: both blocks hold at least min(old, size) bytes; p is far.
         unsafe {
@@ -285,7 +286,7 @@ pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void
 /// `out` must be writable.
 #[no_mangle]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 {
-    if !valid_align(align) || align % std::mem::size_of::<usize>() != 0 {
+    if !valid_align(align) || !align.is_multiple_of(std::mem::size_of::<usize>()) {
         return libc::EINVAL;
     }
     let p = alloc_aligned(align.max(16), size);
@@ -354,7 +355,9 @@ extern "C" fn start_far_heap() {
     match remora_paging::FarAlloc::start_from_env() {
         Ok(_) => {}
         Err(e) => {
-            eprintln!("remora: far heap not started: {e}; the program runs with local memory only");
+            remora_paging::warn(format_args!(
+                "far heap not started: {e}; the program runs with local memory only"
+            ));
         }
     }
 }
