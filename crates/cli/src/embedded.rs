@@ -99,6 +99,23 @@ pub struct EmbeddedConfig {
     pub controller_args: Vec<String>,
 }
 
+impl EmbeddedConfig {
+    /// `servers` servers of `capacity_per_server` bytes on loopback, 1 MiB
+    /// slabs, any free ports, a temporary metadata directory.
+    pub fn loopback(servers: usize, capacity_per_server: u64) -> EmbeddedConfig {
+        EmbeddedConfig {
+            servers,
+            capacity_per_server,
+            controller_listen: "127.0.0.1:0".into(),
+            slab_size: 1 << 20,
+            data_dir: None,
+            inject_latency: None,
+            placement: "p2c".into(),
+            controller_args: Vec::new(),
+        }
+    }
+}
+
 /// A running embedded cluster; stops its processes when dropped.
 #[derive(Debug)]
 pub struct Embedded {

@@ -617,14 +617,8 @@ fn status(a: ClientArgs) -> Result<()> {
 
 fn micro(a: MicroArgs) -> Result<()> {
     let cfg = EmbeddedConfig {
-        servers: 1,
-        capacity_per_server: 1 << 30,
-        controller_listen: "127.0.0.1:0".into(),
-        slab_size: 1 << 20,
-        data_dir: None,
         inject_latency: a.inject_latency.map(|d| format!("{}ns", d.as_nanos())),
-        placement: "p2c".into(),
-        controller_args: Vec::new(),
+        ..EmbeddedConfig::loopback(1, 1 << 30)
     };
     eprintln!("starting an embedded cluster (1 server) ...");
     let cl = Embedded::start(&cfg)?;
@@ -660,14 +654,8 @@ fn redundancy(region: u64, ops: usize, io: u64, rebuild_rate: u64) -> Result<()>
         bail!("--io must be between 1 byte and the region size");
     }
     let cfg = EmbeddedConfig {
-        servers: 8,
-        capacity_per_server: (region * 2).max(64 << 20),
-        controller_listen: "127.0.0.1:0".into(),
-        slab_size: 1 << 20,
-        data_dir: None,
-        inject_latency: None,
-        placement: "p2c".into(),
         controller_args: vec!["--rebuild-rate".into(), rebuild_rate.to_string()],
+        ..EmbeddedConfig::loopback(8, (region * 2).max(64 << 20))
     };
     eprintln!("starting an embedded cluster (8 servers) ...");
     let mut cl = Embedded::start(&cfg)?;
@@ -737,16 +725,7 @@ fn paging_bench(size: u64, random_reads: u64, ratios: Vec<u32>, no_zram: bool) -
     if size < 16 << 20 {
         bail!("--size must be at least 16MiB");
     }
-    let cfg = EmbeddedConfig {
-        servers: 2,
-        capacity_per_server: size + (1 << 30),
-        controller_listen: "127.0.0.1:0".into(),
-        slab_size: 1 << 20,
-        data_dir: None,
-        inject_latency: None,
-        placement: "p2c".into(),
-        controller_args: Vec::new(),
-    };
+    let cfg = EmbeddedConfig::loopback(2, size + (1 << 30));
     eprintln!("starting an embedded cluster (2 servers) and a raw TCP server ...");
     let cl = Embedded::start(&cfg)?;
     let raw = embedded::spawn_announcing(

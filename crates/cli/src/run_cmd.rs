@@ -131,17 +131,8 @@ pub fn run(a: RunArgs) -> Result<i32> {
             (None, c.clone(), t.clone())
         }
         _ => {
-            let cfg = EmbeddedConfig {
-                servers: 2,
-                // Room for the program's heap and for a few programs it may start.
-                capacity_per_server: a.heap_size.saturating_mul(4).max(1 << 30),
-                controller_listen: "127.0.0.1:0".into(),
-                slab_size: 1 << 20,
-                data_dir: None,
-                inject_latency: None,
-                placement: "p2c".into(),
-                controller_args: Vec::new(),
-            };
+            // Room for the program's heap and for a few programs it may start.
+            let cfg = EmbeddedConfig::loopback(2, a.heap_size.saturating_mul(4).max(1 << 30));
             let e = Embedded::start(&cfg).context("starting an embedded cluster for the run")?;
             let (c, t) = (e.info.controller.clone(), e.info.token.clone());
             (Some(e), c, t)

@@ -142,3 +142,30 @@ fn many_threads_against_shadows_with_a_tiny_budget() {
         );
     }
 }
+
+/// The program's own MADV_DONTNEED on a mapped page empties it (reads zeros)
+/// rather than confusing the pager.
+#[test]
+fn a_foreign_madvise_reads_back_as_zeros() {
+    let tc = cluster();
+    let pr = paged(
+        &tc,
+        16 * PAGE as u64,
+        PagerConfig {
+            budget: Budget::Bytes(16 * PAGE as u64),
+            ..PagerConfig::default()
+        },
+    );
+    let mem = Mem(pr.base() as usize, pr.len()).bytes();
+    mem[3 * PAGE + 5] = 42;
+    mem[4 * PAGE] = 7;
+    let _ = mem[5 * PAGE]; // clean page
+    // SAFETY: pages of the live mapping; the test reads them only afterwards.
+    let r = unsafe { libc::madvise(pr.base().add(3 * PAGE).cast(), 3 * PAGE, libc::MADV_DONTNEED) };
+    assert_eq!(r, 0);
+    assert_eq!(mem[3 * PAGE + 5], 0);
+    assert_eq!(mem[4 * PAGE], 0);
+    assert_eq!(mem[5 * PAGE], 0);
+    mem[3 * PAGE] = 9;
+    assert_eq!(mem[3 * PAGE], 9);
+}

@@ -717,10 +717,19 @@ impl Inner {
                 }
                 return;
             }
-            CLEAN | DIRTY => {
+            CLEAN | DIRTY if self.mapped(p) => {
+                // Installed while the message waited: the install woke it.
                 drop(g);
                 let _ = self.uffd.wake(self.addr(p), PAGE);
                 return;
+            }
+            CLEAN | DIRTY => {
+                // Dropped from outside (the program's own MADV_DONTNEED): its
+                // bytes are gone, as with any private mapping, and it reads
+                // as zeros from now on.
+                self.clear_flag(p, FAR_VALID | PREFETCHED);
+                self.set(p, ABSENT);
+                self.unreserve(1);
             }
             INACTIVE => {
                 let was_prefetched = self.reactivate(p, write);
@@ -768,6 +777,14 @@ impl Inner {
         }
         self.fetch_and_install(&mine, Some((p, write)), buf);
         self.advise_prefetch(p);
+    }
+
+    /// Whether page `p` is mapped (asks the kernel).
+    fn mapped(&self, p: u32) -> bool {
+        let mut v = 0u8;
+        // SAFETY: one page-aligned page of our mapping; mincore writes one byte.
+        let r = unsafe { libc::mincore(self.addr(p) as *mut libc::c_void, PAGE, &mut v) };
+        r != 0 || v & 1 != 0
     }
 
     /// Reinstalls an inactive page from its slot (page lock held). Returns
