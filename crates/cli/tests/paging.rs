@@ -160,8 +160,14 @@ fn a_foreign_madvise_reads_back_as_zeros() {
     mem[3 * PAGE + 5] = 42;
     mem[4 * PAGE] = 7;
     let _ = mem[5 * PAGE]; // clean page
-    // SAFETY: pages of the live mapping; the test reads them only afterwards.
-    let r = unsafe { libc::madvise(pr.base().add(3 * PAGE).cast(), 3 * PAGE, libc::MADV_DONTNEED) };
+                           // SAFETY: pages of the live mapping; the test reads them only afterwards.
+    let r = unsafe {
+        libc::madvise(
+            pr.base().add(3 * PAGE).cast(),
+            3 * PAGE,
+            libc::MADV_DONTNEED,
+        )
+    };
     assert_eq!(r, 0);
     assert_eq!(mem[3 * PAGE + 5], 0);
     assert_eq!(mem[4 * PAGE], 0);
