@@ -323,9 +323,20 @@ pub fn run(
         let mut seq_pf = 0.0;
         for prefetch in [true, false] {
             let pr = paged_array(cluster, size, ratio, prefetch, false)?;
+            let before = pr.stats();
             let t = Instant::now();
             let s = seq_scan(pr.base(), pr.len());
             let seq = t.elapsed().as_secs_f64();
+            if std::env::var_os("REMORA_BENCH_VERBOSE").is_some() {
+                let a = pr.stats();
+                eprintln!(
+                    "    {ratio}% prefetch {prefetch}: sequential: demand faults {}, second-chance {}, prefetched {}, evictions {}",
+                    a.faults - before.faults,
+                    a.second_chance - before.second_chance,
+                    a.prefetched - before.prefetched,
+                    a.evictions - before.evictions
+                );
+            }
             if s != s_local {
                 bail!("sequential scan of far memory gave a different sum");
             }

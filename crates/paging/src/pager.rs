@@ -1123,12 +1123,39 @@ impl Inner {
             let l = self.lists.lock();
             target.saturating_sub(l.inactive.len())
         };
+        let mut unmap = Vec::new();
         while need > 0 {
             let next = self.lists.lock().active.pop_front();
             let Some((p, g)) = next else { break };
             if self.deactivate(p, g) {
+                unmap.push(p);
                 need -= 1;
             }
+        }
+        // Unmap the deactivated pages, one madvise per contiguous run. This
+        // happens before any of them can leave INACTIVE: only a missing
+        // fault (impossible while mapped) or a fork fill (which waits for
+        // this round) reinstalls an inactive page, and eviction below runs
+        // after this. A writer meanwhile finds its page write-protected and
+        // INACTIVE, and retries until it is gone.
+        unmap.sort_unstable();
+        let mut i = 0;
+        while i < unmap.len() {
+            let mut j = i + 1;
+            while j < unmap.len() && unmap[j] == unmap[j - 1] + 1 {
+                j += 1;
+            }
+            let addr = self.addr(unmap[i]) as *mut libc::c_void;
+            // SAFETY: pages of our own range whose bytes are in slots.
+            if unsafe { libc::madvise(addr, (j - i) * PAGE, libc::MADV_DONTNEED) } != 0 {
+                crate::warn(format_args!(
+                    "dropping far pages {}..{}: {}",
+                    unmap[i],
+                    unmap[j - 1],
+                    std::io::Error::last_os_error()
+                ));
+            }
+            i = j;
         }
         let mut dirty = Vec::new();
         let mut taken = 0;
@@ -1180,14 +1207,8 @@ impl Inner {
         // installed protected; dirty ones were just protected), so its bytes
         // cannot change while they are copied; the slot was just taken.
         unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, self.slots.ptr(s), PAGE) };
-        // SAFETY: dropping one page of our own range; its bytes are in the slot.
-        let r = unsafe { libc::madvise(addr as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
-        if r != 0 {
-            crate::warn(format_args!(
-                "dropping far page {p}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        // The caller unmaps it (batched with its neighbours) before anything
+        // can move it on from INACTIVE.
         self.slot_of[p as usize].store(s, Ordering::Release);
         self.set(p, INACTIVE);
         let g = self.gen[p as usize]
