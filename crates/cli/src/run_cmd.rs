@@ -1,9 +1,9 @@
 //! `remora run`: an unmodified program with its heap in far memory.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -139,10 +139,25 @@ pub fn run(a: RunArgs) -> Result<i32> {
         }
     };
 
-    let tag = format!("run-{}", std::process::id());
-    let stats_file = std::env::temp_dir().join(format!("remora-{tag}.stats"));
-    let _ = std::fs::remove_file(&stats_file);
+    // Unique per run, also across hosts and containers sharing a cluster.
+    let tag = format!("run-{}-{:016x}", std::process::id(), rand::random::<u64>());
+    // A private directory for the counters (no predictable name in /tmp).
+    let stats_dir = std::env::temp_dir().join(format!("remora-{tag}"));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&stats_dir)
+            .with_context(|| format!("creating {}", stats_dir.display()))?;
+    }
+    let stats_file = stats_dir.join("stats");
+    let lib = lib
+        .canonicalize()
+        .with_context(|| format!("resolving {}", lib.display()))?;
     let mut preload = lib.display().to_string();
+    if preload.contains([' ', ':']) {
+        bail!("the preload library path {preload:?} contains a space or ':', which LD_PRELOAD cannot carry");
+    }
     if let Some(old) = std::env::var_os("LD_PRELOAD") {
         if !old.is_empty() {
             preload = format!("{preload} {}", old.to_string_lossy());
@@ -165,18 +180,24 @@ pub fn run(a: RunArgs) -> Result<i32> {
     } else {
         cmd.env_remove("REMORA_STATS_FILE");
     }
-    // The program gets the terminal's signals; remora waits and cleans up.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
-    let status = cmd
-        .status()
+    // The program dies with remora (its far memory would be gone anyway).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
         .with_context(|| format!("starting {}", prog.display()))?;
+    forward_signals(child.id() as i32);
+    let status = child.wait().context("waiting for the program")?;
 
     if a.stats {
         print_stats(&stats_file);
     }
-    let _ = std::fs::remove_file(&stats_file);
+    let _ = std::fs::remove_dir_all(&stats_dir);
     if embedded.is_none() {
         free_regions(&controller, &token, &tag);
     }
@@ -187,6 +208,32 @@ pub fn run(a: RunArgs) -> Result<i32> {
         (None, Some(s)) => 128 + s,
         _ => 1,
     })
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+extern "C" fn ignore(_sig: libc::c_int) {}
+
+/// While the program runs, remora passes SIGTERM and SIGHUP on to it and
+/// ignores SIGINT (the terminal sends that to the program itself), so that
+/// it always outlives the program and cleans up. Handlers, unlike ignored
+/// dispositions, are reset in the program by exec.
+fn forward_signals(child: i32) {
+    CHILD.store(child, Ordering::Relaxed);
+    // SAFETY: installing plain handlers that only call async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGTERM, forward as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGHUP, forward as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, ignore as *const () as libc::sighandler_t);
+    }
 }
 
 /// Frees the far heaps the program (and programs it started) allocated.

@@ -188,3 +188,23 @@ fn bad_invocations_are_refused_clearly() {
     let o = remora_run(&["--", "sh"], &["-c", "exit 7"]);
     assert_eq!(o.status.code(), Some(7));
 }
+
+#[test]
+fn sigterm_reaches_the_program_and_remora_cleans_up() {
+    let mut child = Command::new(exe())
+        .args(["run", "--", "sleep", "30"])
+        .spawn()
+        .expect("remora run");
+    // Let the cluster start and the program begin.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let t = std::time::Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let st = child.wait().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "remora run did not end promptly"
+    );
+    assert_eq!(st.code(), Some(128 + 15), "{st:?}");
+}

@@ -270,7 +270,10 @@ impl FarHeap {
         layout: Layout,
         new_size: usize,
     ) -> Option<NonNull<u8>> {
-        if layout.size() == 0 || new_size == 0 {
+        if layout.size() == 0
+            || new_size == 0
+            || Layout::from_size_align(new_size, layout.align()).is_err()
+        {
             return None;
         }
         let mut a = self.arena.lock();

@@ -215,6 +215,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         // A local block reallocated by a program thread moves far.
         // SAFETY: p is a live glibc block.
         let old = unsafe { malloc_usable_size(p) };
+        if old == 0 {
+            // Its size is unknown (no glibc malloc_usable_size found): keep it local.
+            // SAFETY: p is glibc's.
+            return unsafe { __libc_realloc(p, size) };
+        }
         let q = alloc_aligned(16, size);
         if !q.is_null() {
             // SAFETY: both blocks hold at least min(old, size) bytes.
@@ -227,13 +232,22 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     };
     // SAFETY: p is far, so it has a header.
     let (old, offset, align) = unsafe { header(p) };
-    // SAFETY: the block's layout is (offset + old, align), as far_alloc made it.
+    // The new block must form a valid layout (no overflow, at most isize::MAX).
+    let Some(new_total) = offset
+        .checked_add(size)
+        .filter(|&t| Layout::from_size_align(t, align).is_ok())
+    else {
+        set_errno(libc::ENOMEM);
+        return std::ptr::null_mut();
+    };
+    // SAFETY: the block's layout is (offset + old, align), as far_alloc made
+    // it, and new_total forms a valid layout with the same alignment.
     let resized = unsafe {
         let base = NonNull::new_unchecked(p.cast::<u8>().sub(offset));
         h.resize_in_place(
             base,
             Layout::from_size_align_unchecked(offset + old, align),
-            offset + size,
+            new_total,
         )
     };
     if resized.is_some() {
