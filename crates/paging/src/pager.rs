@@ -630,8 +630,17 @@ impl Inner {
 
     fn handler(self: Arc<Self>) {
         let mut buf = vec![0u8; PAGE * self.cfg.fetch_unit as usize];
+        let waiter = match self.uffd.waiter() {
+            Ok(w) => w,
+            Err(e) => {
+                crate::warn(format_args!(
+                    "cannot wait on userfaultfd: {e}; this fault handler stops"
+                ));
+                return;
+            }
+        };
         while !self.shutdown.load(Ordering::Acquire) {
-            match self.uffd.wait_readable(100) {
+            match waiter.wait(100) {
                 Ok(true) => {}
                 Ok(false) => {
                     // Idle for a while: wake every waiter in the range. A

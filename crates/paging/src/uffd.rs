@@ -321,6 +321,55 @@ impl Uffd {
     }
 }
 
+/// A per-thread wait on the descriptor. Several handler threads share one
+/// userfaultfd; with `poll` every message would wake all of them, and all but
+/// one would find nothing to read. Each waiter is an epoll instance holding
+/// the descriptor with `EPOLLEXCLUSIVE`, so a message wakes one handler.
+#[derive(Debug)]
+pub struct Waiter {
+    epoll: OwnedFd,
+}
+
+impl Uffd {
+    /// A waiter for one handler thread.
+    pub fn waiter(&self) -> io::Result<Waiter> {
+        // SAFETY: epoll_create1 takes flags and returns a new fd or -1.
+        let e = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if e < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: e is a new fd we own.
+        let epoll = unsafe { OwnedFd::from_raw_fd(e) };
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLEXCLUSIVE) as u32,
+            u64: 0,
+        };
+        // SAFETY: valid epoll fd, valid uffd, ev lives across the call.
+        let r = unsafe { libc::epoll_ctl(e, libc::EPOLL_CTL_ADD, self.fd.as_raw_fd(), &mut ev) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Waiter { epoll })
+    }
+}
+
+impl Waiter {
+    /// Waits up to `timeout_ms` for a message; true if one may be ready.
+    pub fn wait(&self, timeout_ms: i32) -> io::Result<bool> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: one writable epoll_event.
+        let r = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut ev, 1, timeout_ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        Ok(r > 0)
+    }
+}
+
 fn word(msg: &[u8; 32], at: usize) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&msg[at..at + 8]);
