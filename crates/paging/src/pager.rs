@@ -496,8 +496,8 @@ impl Inner {
         // A demand fault reserves up to a fetch unit at once: the evictor must
         // start before a unit no longer fits, or the fault would wait forever.
         let unit = self.cfg.fetch_unit as u64;
-        let low = (budget / 64).clamp(1, 1024).max(unit);
-        let high = (budget / 32).clamp(2, 2048).min(budget / 2).max(low + unit);
+        let low = (budget / 32).clamp(1, 1024).max(unit);
+        let high = (budget / 16).clamp(2, 2048).min(budget / 2).max(low + unit);
         (low, high)
     }
 
