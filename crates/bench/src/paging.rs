@@ -227,7 +227,11 @@ fn paged_array(
     let budget = (size * ratio as u64 / 100).max(64 * PAGE as u64);
     let cfg = PagerConfig {
         budget: Budget::Bytes(budget),
-        prefetch_window: if prefetch { 64 } else { 0 },
+        prefetch_window: if prefetch {
+            PagerConfig::default().prefetch_window
+        } else {
+            0
+        },
         inactive_fraction: if eviction_fifo { 0.0 } else { 0.25 },
         ..PagerConfig::default()
     };

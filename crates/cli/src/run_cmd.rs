@@ -31,7 +31,7 @@ pub struct RunArgs {
     #[arg(long, env = "REMORA_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Largest prefetch window in pages (0 turns prefetching off).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     prefetch: u32,
     /// Pages fetched per fault (1, 2, 4, …).
     #[arg(long, default_value_t = 1)]

@@ -99,7 +99,7 @@ impl Default for PagerConfig {
             budget: Budget::Fraction(1.0),
             min_pages: 256,
             handlers: 2,
-            prefetch_window: 64,
+            prefetch_window: 256,
             fetch_unit: 1,
             inactive_fraction: 0.25,
             writeback_batch: 64,
