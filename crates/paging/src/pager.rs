@@ -825,25 +825,28 @@ impl Inner {
     /// demand page, if any, is installed writable when the fault was a write.
     fn fetch_and_install(&self, pages: &[u32], demand: Option<(u32, bool)>, buf: &mut Vec<u8>) {
         // Pages never written back need no fetch.
-        let far: Vec<u32> = pages
-            .iter()
-            .copied()
-            .filter(|&q| self.flag(q, FAR_VALID))
-            .collect();
+        // `pages` is sorted: one read covers the first to the last that has far data.
+        let (mut base_page, mut hi, mut n) = (0u32, 0u32, 0u64);
+        for &q in pages.iter().filter(|&&q| self.flag(q, FAR_VALID)) {
+            if n == 0 {
+                base_page = q;
+            }
+            hi = q;
+            n += 1;
+        }
         let mut result = Ok(());
-        if !far.is_empty() {
-            let lo = far[0];
-            let hi = *far.last().unwrap();
-            let span = (hi - lo + 1) as usize * PAGE;
+        if n > 0 {
+            let span = (hi - base_page + 1) as usize * PAGE;
             if buf.len() < span {
                 buf.resize(span, 0);
             }
-            result = self.region.read(lo as u64 * PAGE as u64, &mut buf[..span]);
+            result = self
+                .region
+                .read(base_page as u64 * PAGE as u64, &mut buf[..span]);
             if result.is_ok() {
-                bump(&self.stats.pages_fetched, far.len() as u64);
+                bump(&self.stats.pages_fetched, n);
             }
         }
-        let base_page = far.first().copied().unwrap_or(0);
         for &q in pages {
             let demanded = demand.map(|(d, _)| d) == Some(q);
             let writable = demand.map(|(d, w)| d == q && w).unwrap_or(false);

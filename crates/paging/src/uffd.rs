@@ -39,7 +39,6 @@ const FLAG_WRITE: u64 = 1;
 const FLAG_WP: u64 = 2;
 
 const EVENT_PAGEFAULT: u8 = 0x12;
-const EVENT_FORK: u8 = 0x13;
 const EVENT_REMAP: u8 = 0x14;
 const EVENT_REMOVE: u8 = 0x15;
 const EVENT_UNMAP: u8 = 0x16;
@@ -98,7 +97,7 @@ pub enum Event {
     Remove { start: usize, end: usize },
     /// The range was unmapped or moved; the pager stops serving it.
     Unmap { start: usize, end: usize },
-    /// Another event (fork), which the pager does not request.
+    /// Another event (fork, for instance), which the pager does not request.
     Other(u8),
 }
 
@@ -127,46 +126,18 @@ impl Uffd {
     /// be opened, else the syscall (which needs `CAP_SYS_PTRACE` or the
     /// `vm.unprivileged_userfaultfd` sysctl for kernel faults).
     pub fn open() -> io::Result<Uffd> {
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        let fd = Self::open_dev(flags).or_else(|dev_err| {
-            // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
-            let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-            if r < 0 {
-                let sys_err = io::Error::last_os_error();
-                Err(io::Error::new(
-                    sys_err.kind(),
-                    format!(
-                        "userfaultfd is unavailable: /dev/userfaultfd: {dev_err}; \
-                         userfaultfd(2): {sys_err} (run as root, or set vm.unprivileged_userfaultfd=1)"
-                    ),
-                ))
-            } else {
-                // SAFETY: a non-negative return from userfaultfd(2) is a new fd we own.
-                Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
-            }
-        })?;
+        // UFFDIO_API succeeds once per descriptor: ask on one what the kernel
+        // offers, then enable the one optional feature used on a fresh one.
+        let probe = Self::new_fd()?;
         let mut api = ApiArg {
             api: UFFD_API,
             features: 0,
             ioctls: 0,
         };
-        // Ask what the kernel offers, then enable the one optional feature used.
-        ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api)?;
-        let offered = api.features;
-        drop(fd);
-        let fd = match Self::open_dev(flags) {
-            Ok(fd) => fd,
-            Err(_) => {
-                // SAFETY: as above.
-                let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
-                if r < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: as above.
-                unsafe { OwnedFd::from_raw_fd(r as RawFd) }
-            }
-        };
-        let poison = offered & FEATURE_POISON != 0;
+        ioctl(probe.as_raw_fd(), UFFDIO_API, &mut api)?;
+        let poison = api.features & FEATURE_POISON != 0;
+        drop(probe);
+        let fd = Self::new_fd()?;
         let mut api = ApiArg {
             api: UFFD_API,
             features: if poison { FEATURE_POISON } else { 0 },
@@ -174,6 +145,27 @@ impl Uffd {
         };
         ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api)?;
         Ok(Uffd { fd, poison })
+    }
+
+    /// A new non-blocking descriptor: `/dev/userfaultfd`, else the syscall.
+    fn new_fd() -> io::Result<OwnedFd> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        Self::open_dev(flags).or_else(|dev_err| {
+            // SAFETY: the userfaultfd syscall takes only flags and returns a new fd or -1.
+            let r = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+            if r < 0 {
+                let sys_err = io::Error::last_os_error();
+                return Err(io::Error::new(
+                    sys_err.kind(),
+                    format!(
+                        "userfaultfd is unavailable: /dev/userfaultfd: {dev_err}; \
+                         userfaultfd(2): {sys_err} (run as root, or set vm.unprivileged_userfaultfd=1)"
+                    ),
+                ));
+            }
+            // SAFETY: a non-negative return from userfaultfd(2) is a new fd we own.
+            Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+        })
     }
 
     fn open_dev(flags: i32) -> io::Result<OwnedFd> {
@@ -399,7 +391,6 @@ fn decode(msg: &[u8; 32]) -> Event {
             start: word(msg, 8) as usize,
             end: word(msg, 8) as usize + word(msg, 24) as usize,
         },
-        other @ EVENT_FORK => Event::Other(other),
         other => Event::Other(other),
     }
 }
