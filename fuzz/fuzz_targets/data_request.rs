@@ -10,10 +10,16 @@ fuzz_target!(|input: &[u8]| {
     }
     let kind = u16::from_le_bytes([input[0], input[1]]);
     if let Ok(req) = decode_request(kind, &input[2..]) {
-        if let Request::Batch(b) = req {
-            b.iter().for_each(drop);
+        match req {
+            Request::Batch(b) => b.iter().for_each(drop),
+            Request::Offload { op, .. } => {
+                let _ = (op.validate(), op.extent(), op.alignment(), op.reply_bound());
+            }
+            _ => {}
         }
         let mut out = Vec::new();
         encode_request(&mut out, 1, &req);
+        // What decodes re-encodes to the same payload.
+        assert_eq!(&out[14..], &input[2..]);
     }
 });

@@ -13,6 +13,10 @@
 //! and async forms (`*_async`, plain `std::future::Future`s that work on any
 //! executor) so one thread keeps many requests in flight. A request that
 //! spans slabs is split and its pieces go out in parallel.
+//! [`Region::offload`] runs an [`OffloadOp`] on the server that holds the
+//! bytes (an aggregate, a filter, a hash-table probe, a list walk or a
+//! copy within one slab) and returns its reply, decoded with the types in
+//! [`offload`].
 //!
 //! Failure handling: every request has a deadline; a dropped connection is
 //! replaced on next use; reads and writes (idempotent) are retried after a
@@ -45,7 +49,8 @@ use remora_net::{LatencyInjector, NetError, RpcConn, TcpTransport, Transport};
 pub use remora_proto::ctl::Redundancy;
 use remora_proto::ctl::{self, ClusterStatus, CtlReply, CtlRequest, RegionInfo, RegionMap};
 use remora_proto::data;
-pub use remora_proto::data::ServerStats;
+pub use remora_proto::data::{ServerStats, Target};
+pub use remora_proto::offload::{self, OffloadOp};
 use remora_proto::{ErrorCode, VERSION};
 
 pub use region::{Batch, BatchResult, OpFuture, ReadFuture, Region};
@@ -144,6 +149,15 @@ pub enum ClientError {
         /// Why.
         detail: String,
     },
+    /// The arguments of an operation are invalid (checked before anything
+    /// is sent).
+    #[error("region {region}: {detail}")]
+    InvalidArgument {
+        /// Region id.
+        region: u64,
+        /// What is wrong.
+        detail: String,
+    },
     /// The operation is not available on this region.
     #[error("region {region}: {what}")]
     Unsupported {
@@ -184,6 +198,7 @@ impl ClientError {
             ClientError::Unaligned { .. } => Some(ErrorCode::Unaligned),
             ClientError::DataLost { .. } => Some(ErrorCode::DataLost),
             ClientError::Unsupported { .. } => Some(ErrorCode::Unsupported),
+            ClientError::InvalidArgument { .. } => Some(ErrorCode::InvalidArgument),
             ClientError::Server { .. } | ClientError::Timeout { .. } => {
                 Some(ErrorCode::ServerUnavailable)
             }

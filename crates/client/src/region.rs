@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 use remora_proto::ctl::{Redundancy, RegionMap};
-use remora_proto::data::{self, BatchBuilder, Reply, Request, SubOp, SubResult, Target};
+use remora_proto::data::{self, BatchBuilder, OffloadOp, Reply, Request, SubOp, SubResult, Target};
 use remora_proto::ErrorCode;
 
 use crate::conn::Conn;
@@ -66,6 +66,10 @@ enum Retry {
     Idempotent,
     /// Only if the server refused it before applying anything.
     Atomic,
+    /// Only if the server refused it before applying anything, and not
+    /// after a lost reply (an overlapping copy applied twice would copy
+    /// its own output).
+    Refused,
     /// Never (a batch with atomics may have been applied in part).
     Never,
 }
@@ -303,6 +307,7 @@ impl Region {
                     // The request id makes a resend safe (the operation
                     // checks it goes to the same slab).
                     Retry::Atomic => refused || err.is_unavailable(),
+                    Retry::Refused => refused,
                     Retry::Never => false,
                 };
             if !may {
@@ -620,6 +625,138 @@ impl Region {
             region: self,
             ops: Vec::new(),
         }
+    }
+
+    /// Runs `op` on the memory server holding the bytes at region offset
+    /// `offset`, and returns the bytes of its DATA reply (empty for a copy,
+    /// which replies DONE). Decode them with the types in
+    /// [`crate::offload`]: `AggregateReply`, `FilterReply`, `ProbeReply`,
+    /// `ChaseReply`.
+    ///
+    /// The operation's extent from `offset` ([`OffloadOp::extent`]: the
+    /// elements of an aggregate or filter, a probe's first bucket, a
+    /// chase's first node, the bytes of a copy) must lie in one slab of the
+    /// region, or the call fails with [`ClientError::InvalidArgument`]
+    /// before anything is sent (as it does for parameters that
+    /// [`OffloadOp::validate`] refuses). A probe that reaches the slab's
+    /// end, or a chase whose next node is in another slab, stops there and
+    /// says where to go on from.
+    ///
+    /// * [`OffloadOp::Chase`]: node links are region offsets; the client
+    ///   sets `slab_base` to the region offset of the slab holding
+    ///   `offset` (whatever the caller put there).
+    /// * [`OffloadOp::Copy`]: `dest.offset` is the destination's region
+    ///   offset (`dest.slab` and `dest.key` are filled in); the destination
+    ///   range must also lie in one slab, on the same server as the source
+    ///   ([`ClientError::Unsupported`] otherwise: read and write instead).
+    ///
+    /// Read-only operations are retried like reads; a copy is retried like
+    /// a write, except that an overlapping one is resent only when the
+    /// server refused it unapplied. On replicated regions the read-only
+    /// operations go to one live copy, as reads do; erasure-coded regions,
+    /// and copies on any region with redundancy, are refused with
+    /// [`ClientError::Unsupported`].
+    pub fn offload(&self, offset: u64, op: &OffloadOp<'_>) -> Result<Vec<u8>> {
+        op.validate().map_err(|e| ClientError::InvalidArgument {
+            region: self.id,
+            detail: format!("offload at offset {offset}: {e}"),
+        })?;
+        let copy = match *op {
+            OffloadOp::Copy { dest, len } => Some((dest.offset, len as u64)),
+            _ => None,
+        };
+        match self.redundancy {
+            Redundancy::None => {}
+            Redundancy::Replicate(_) if copy.is_none() => {}
+            r => {
+                let what = if copy.is_some() {
+                    format!("offloaded copies are not available on regions with redundancy ({r}); read and write instead")
+                } else {
+                    format!("offloaded operations are not available on erasure-coded regions ({r}); read the bytes instead")
+                };
+                return Err(ClientError::Unsupported {
+                    region: self.id,
+                    what,
+                });
+            }
+        }
+        let run = |map: &RegionMap| {
+            let (slab, off) = self.within_slab(map, offset, op.extent())?;
+            let (at, addr) = self.targets(map, slab, off, false)?.swap_remove(0);
+            let op = match *op {
+                OffloadOp::Chase {
+                    next_off,
+                    node_len,
+                    hops,
+                    ..
+                } => OffloadOp::Chase {
+                    slab_base: slab as u64 * map.slab_size,
+                    next_off,
+                    node_len,
+                    hops,
+                },
+                OffloadOp::Copy { dest, len } => {
+                    let (dslab, doff) = self.within_slab(map, dest.offset, len as u64)?;
+                    let (dest, _) = self.target(map, dslab, doff)?;
+                    let (from, to) = (&map.slabs[slab], &map.slabs[dslab]);
+                    if from.server_id != to.server_id {
+                        return Err(unsent(ClientError::Unsupported {
+                            region: self.id,
+                            what: format!(
+                                "an offloaded copy needs both ranges on one server, but slab {slab} is on {} and slab {dslab} on {}; read and write instead",
+                                from.addr, to.addr
+                            ),
+                        }));
+                    }
+                    OffloadOp::Copy { dest, len }
+                }
+                other => other,
+            };
+            let (conn, id) = self.submit(addr, &Request::Offload { at, op })?;
+            conn.wait_with(id, |kind, payload| {
+                check(&conn, kind, payload)?;
+                match data::decode_reply(kind, payload) {
+                    Ok(Reply::Data(d)) if copy.is_none() => Ok(remora_proto::copy::to_vec(d)),
+                    Ok(Reply::Done) if copy.is_some() => Ok(Vec::new()),
+                    _ => Err(protocol(
+                        &conn,
+                        "unexpected reply to an offloaded operation",
+                    )),
+                }
+            })
+            .and_then(|r| r)
+            .map_err(Attempt::from)
+        };
+        if let Redundancy::Replicate(_) = self.redundancy {
+            return self.settle(run);
+        }
+        let overlapping = copy.is_some_and(|(dest, len)| {
+            offset < dest.saturating_add(len) && dest < offset.saturating_add(len)
+        });
+        let policy = if overlapping {
+            Retry::Refused
+        } else {
+            Retry::Idempotent
+        };
+        self.retrying(policy, run)
+    }
+
+    /// The slab holding `[offset, offset + len)` and the offset in it; the
+    /// range must lie in the region and in one slab.
+    fn within_slab(&self, map: &RegionMap, offset: u64, len: u64) -> Result<(usize, u64), Attempt> {
+        self.check_range(map, offset, len).map_err(unsent)?;
+        let ss = map.slab_size;
+        let (slab, off) = ((offset / ss) as usize, offset % ss);
+        if off + len > ss {
+            return Err(unsent(ClientError::InvalidArgument {
+                region: self.id,
+                detail: format!(
+                    "the {len} bytes an offloaded operation needs at offset {offset} cross the slab boundary at {} (slabs of {ss} bytes); split it there",
+                    offset - off + ss
+                ),
+            }));
+        }
+        Ok((slab, off))
     }
 
     /// A distributed mutex on the 8-byte word at `offset` (which must start at 0).

@@ -5,6 +5,7 @@
 //! allocates, so the server's hot path stays allocation-free.
 
 use crate::frame::{begin_frame, finish_frame, put_header};
+pub use crate::offload::OffloadOp;
 use crate::{DecodeError, ErrorCode, MAGIC, VERSION};
 
 /// Frame kinds (opcodes) of requests to a memory server.
@@ -27,6 +28,9 @@ pub mod op {
     pub const XOR: u16 = 0x08;
     /// End of an erasure-coded write: its parity updates are done.
     pub const COMMIT: u16 = 0x09;
+    /// An operation the server runs on a slab's bytes (aggregate, filter,
+    /// hash probe, pointer chase, copy); see [`crate::offload`].
+    pub const OFFLOAD: u16 = 0x0A;
     /// Control (admin only): create a slab.
     pub const CREATE_SLAB: u16 = 0x10;
     /// Control (admin only): drop a slab.
@@ -160,6 +164,15 @@ pub enum Request<'a> {
     },
     /// A batch of data operations; iterate with [`BatchOps`].
     Batch(BatchOps<'a>),
+    /// An offloaded operation on the slab's bytes from `at` (reply DATA,
+    /// DONE for a copy, or ERROR); checked and refused like a read (a copy
+    /// like a write to its destination).
+    Offload {
+        /// Location (the source of a copy).
+        at: Target,
+        /// What to run.
+        op: OffloadOp<'a>,
+    },
     /// Create a slab with the given capability.
     CreateSlab {
         /// New slab id.
@@ -388,6 +401,10 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
             at: c.target()?,
             rid: c.u64()?,
         },
+        op::OFFLOAD => Request::Offload {
+            at: c.target()?,
+            op: OffloadOp::decode(&mut c)?,
+        },
         op::BATCH => {
             let count = c.u32()?;
             if count > MAX_BATCH_OPS {
@@ -496,6 +513,11 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             put_target(out, at);
             out.extend_from_slice(&rid.to_le_bytes());
         }
+        Request::Offload { at, op: o } => {
+            put_header(out, id, op::OFFLOAD, 24 + o.encoded_len());
+            put_target(out, at);
+            o.put(out);
+        }
         Request::Batch(ops) => {
             put_header(out, id, op::BATCH, 4 + ops.body.len());
             out.extend_from_slice(&ops.count.to_le_bytes());
@@ -549,7 +571,7 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
     }
 }
 
-fn put_target(out: &mut Vec<u8>, at: &Target) {
+pub(crate) fn put_target(out: &mut Vec<u8>, at: &Target) {
     out.extend_from_slice(&at.slab.to_le_bytes());
     out.extend_from_slice(&at.key.to_le_bytes());
     out.extend_from_slice(&at.offset.to_le_bytes());
@@ -956,6 +978,10 @@ impl<'a> Cursor<'a> {
         Ok(a)
     }
 
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(u8::from_le_bytes(self.array()?))
+    }
+
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
@@ -968,7 +994,7 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn target(&mut self) -> Result<Target, DecodeError> {
+    pub(crate) fn target(&mut self) -> Result<Target, DecodeError> {
         Ok(Target {
             slab: self.u64()?,
             key: self.u64()?,
@@ -1022,6 +1048,24 @@ mod tests {
         }
 
         #[test]
+        fn decode_offload_arbitrary(at in target(), op in any::<u8>(), payload in proptest::collection::vec(any::<u8>(), 0..80)) {
+            // A valid target and operation code, then anything: every
+            // operation's decoder sees arbitrary fields; what decodes
+            // re-encodes to the same bytes.
+            let mut p = Vec::new();
+            put_target(&mut p, &at);
+            p.push(op % 7);
+            p.extend_from_slice(&payload);
+            if let Ok(r) = decode_request(op::OFFLOAD, &p) {
+                let Request::Offload { op: o, .. } = r else { panic!("not an offload") };
+                let _ = (o.validate(), o.extent(), o.alignment(), o.reply_bound());
+                let mut out = Vec::new();
+                encode_request(&mut out, 1, &r);
+                prop_assert_eq!(&out[crate::frame::HEADER_LEN..], &p[..]);
+            }
+        }
+
+        #[test]
         fn decode_reply_arbitrary(kind in 0x80u16..0x100, payload in proptest::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(Reply::Batch(b)) = decode_reply(kind, &payload) {
                 for s in b.iter() { let _ = s; }
@@ -1030,7 +1074,13 @@ mod tests {
 
         #[test]
         fn request_roundtrip(id in any::<u64>(), at in target(), data in proptest::collection::vec(any::<u8>(), 0..100), a in any::<u64>(), b in any::<u64>(), len in any::<u32>()) {
+            let (x, y, z) = (a as u8, (a >> 8) as u16, (b >> 16) as u16);
             let reqs = [
+                Request::Offload { at, op: OffloadOp::Aggregate { elem: x, count: len } },
+                Request::Offload { at, op: OffloadOp::Filter { elem: x, count: len, cmp: b as u8, operand: a, max_out: len ^ 5, out: z as u8 } },
+                Request::Offload { at, op: OffloadOp::Probe { bucket_len: len, slots: x, key_len: y, val_len: z, max_buckets: y ^ z, fingerprint: b as u8, key: &data } },
+                Request::Offload { at, op: OffloadOp::Chase { slab_base: b, next_off: y, node_len: z, hops: y ^ 3 } },
+                Request::Offload { at, op: OffloadOp::Copy { dest: Target { slab: b, key: a, offset: a ^ b }, len } },
                 Request::Hello { version: 3, admin_key: a, session: b },
                 Request::Read { at, len },
                 Request::Write { at, data: &data },

@@ -2,7 +2,8 @@
 //!
 //! This crate owns the bytes that cross the network and nothing else: the
 //! frame envelope ([`frame`]), the memory-server operations on slabs
-//! ([`data`]), the controller's control-plane messages ([`ctl`]), the typed
+//! ([`data`]) including those the server runs on a slab's bytes
+//! ([`offload`]), the controller's control-plane messages ([`ctl`]), the typed
 //! error codes both carry ([`ErrorCode`]) and size parsing shared by every
 //! command line ([`size`]). It never opens a socket, spawns a thread or reads
 //! a clock, so every decoder is driven directly by property tests and fuzz
@@ -15,6 +16,7 @@ pub mod ctl;
 pub mod data;
 pub mod erasure;
 pub mod frame;
+pub mod offload;
 pub mod size;
 
 /// Magic bytes that open every handshake.
@@ -56,6 +58,9 @@ pub enum DecodeError {
     /// Batch claims more operations than allowed.
     #[error("batch of {0} operations exceeds the maximum")]
     TooManyOps(u32),
+    /// An offloaded operation (or its reply) with an unknown code.
+    #[error("unknown code {0} in an offloaded operation or its reply")]
+    UnknownOffload(u8),
     /// A control-plane message did not decode.
     #[error("malformed control message: {0}")]
     Control(String),
@@ -105,7 +110,8 @@ error_codes! {
     BadCapability = 5,
     /// Offset or length outside the slab or region.
     OutOfRange = 6,
-    /// An atomic on an offset that is not 8-byte aligned.
+    /// An atomic on an offset that is not 8-byte aligned, or an offloaded
+    /// scan at an offset that is not a multiple of its element width.
     Unaligned = 7,
     /// The server has no free slab.
     OutOfCapacity = 8,
@@ -158,7 +164,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::UnknownSlab => "unknown slab",
             ErrorCode::BadCapability => "bad capability",
             ErrorCode::OutOfRange => "out of range",
-            ErrorCode::Unaligned => "unaligned atomic",
+            ErrorCode::Unaligned => "unaligned offset",
             ErrorCode::OutOfCapacity => "server out of capacity",
             ErrorCode::NotAuthorized => "not authorized",
             ErrorCode::SlabExists => "slab exists",

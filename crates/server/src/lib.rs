@@ -2,7 +2,9 @@
 //!
 //! A server owns a fixed capacity of DRAM carved into slabs ([`pool`]) and
 //! serves one-sided operations on them: read, write, compare-and-swap,
-//! fetch-and-add and batches of these, plus control operations (create, drop
+//! fetch-and-add and batches of these, operations it runs on a slab's bytes
+//! for the client ([`offload`]: aggregates, filters, hash probes, pointer
+//! chases, copies), plus control operations (create, drop
 //! and copy slab) that only the controller may send (it authenticates with
 //! the server's admin key in the handshake). It registers with the
 //! controller, learns the cluster's slab size from it, and heartbeats its
@@ -20,6 +22,7 @@
 //! burst rather than per request.
 
 pub mod dedupe;
+pub mod offload;
 pub mod pool;
 
 use std::io::Write;
@@ -681,6 +684,11 @@ fn handle(
             match once(shared, st.session, rid, || pool.xor(&at, data).map(|()| 0)) {
                 Ok(_) => data::encode_reply(out, id, &Reply::Done),
                 Err(code) => put_error(out, id, code, &describe(code, &at)),
+            }
+        }
+        Request::Offload { at, op } => {
+            if let Err((code, msg)) = offload::execute(pool, &at, &op, id, max_reply, out) {
+                put_error(out, id, code, &msg);
             }
         }
         Request::Commit { at, rid } => match pool.commit(&at, st.session, rid) {

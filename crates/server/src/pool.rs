@@ -162,19 +162,17 @@ impl SlabPool {
         if slab.key != at.key {
             return Err(ErrorCode::BadCapability);
         }
-        let end = at.offset.checked_add(len).ok_or(ErrorCode::OutOfRange)?;
-        if end > self.slab_size {
-            return Err(ErrorCode::OutOfRange);
-        }
-        Ok(at.offset as usize..end as usize)
+        span(self.slab_size, at.offset, len)
     }
 
-    /// Reads `len` bytes at `at`, handing them to `f`.
-    pub fn read<R>(
+    /// Hands the whole of slab `at.slab` to `f` under its read lock, after
+    /// the checks of a read (the slab exists, is not frozen, and `at.key`
+    /// is its key); `f` checks its own ranges (see [`span`]). Counts one
+    /// operation if `f` succeeds.
+    pub fn scan<R>(
         &self,
         at: &Target,
-        len: u32,
-        f: impl FnOnce(&[u8]) -> R,
+        f: impl FnOnce(&[u8]) -> Result<R, ErrorCode>,
     ) -> Result<R, ErrorCode> {
         let t = self.slabs.read();
         let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
@@ -184,13 +182,70 @@ impl SlabPool {
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
-        let r = self.range(slab, at, len as u64)?;
-        let data = &data.bytes;
+        if slab.key != at.key {
+            return Err(ErrorCode::BadCapability);
+        }
+        let r = f(&data.bytes)?;
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    /// Reads `len` bytes at `at`, handing them to `f`.
+    pub fn read<R>(
+        &self,
+        at: &Target,
+        len: u32,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ErrorCode> {
+        let r = self.scan(at, |bytes| {
+            let r = span(bytes.len() as u64, at.offset, len as u64)?;
+            Ok(f(&bytes[r]))
+        })?;
         self.counters
             .bytes_read
             .fetch_add(len as u64, Ordering::Relaxed);
-        Ok(f(&data[r]))
+        Ok(r)
+    }
+
+    /// Copies `len` bytes from `from` to `to`, two slabs of this pool or
+    /// one (overlapping ranges behave like `memmove`). The source is
+    /// checked as for a read, the destination as for a write; a frozen
+    /// slab refuses it.
+    pub fn copy(&self, from: &Target, to: &Target, len: u64) -> Result<(), ErrorCode> {
+        let t = self.slabs.read();
+        let src = t.get(&from.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let dst = t.get(&to.slab).ok_or(ErrorCode::UnknownSlab)?;
+        if from.slab == to.slab {
+            let mut data = src.data.write();
+            if data.frozen {
+                return Err(ErrorCode::SlabFrozen);
+            }
+            let rs = self.range(src, from, len)?;
+            let rd = self.range(dst, to, len)?;
+            data.bytes.copy_within(rs, rd.start);
+        } else {
+            // Two slabs are locked in the order of their ids, so that
+            // copies in opposite directions cannot wait for each other.
+            let (s, mut d) = if from.slab < to.slab {
+                let s = src.data.read();
+                (s, dst.data.write())
+            } else {
+                let d = dst.data.write();
+                (src.data.read(), d)
+            };
+            if s.frozen || d.frozen {
+                return Err(ErrorCode::SlabFrozen);
+            }
+            let rs = self.range(src, from, len)?;
+            let rd = self.range(dst, to, len)?;
+            remora_proto::copy::copy(&mut d.bytes[rd], &s.bytes[rs]);
+        }
+        self.counters.ops.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_read.fetch_add(len, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Writes `bytes` at `at`.
@@ -436,6 +491,15 @@ impl SlabPool {
             ops: self.counters.ops.load(Ordering::Relaxed),
             connections: 0,
         }
+    }
+}
+
+/// The byte range `[offset, offset + len)` of a slab of `slab_len` bytes,
+/// or `OutOfRange` if it does not fit.
+pub fn span(slab_len: u64, offset: u64, len: u64) -> Result<std::ops::Range<usize>, ErrorCode> {
+    match offset.checked_add(len) {
+        Some(end) if end <= slab_len => Ok(offset as usize..end as usize),
+        _ => Err(ErrorCode::OutOfRange),
     }
 }
 
