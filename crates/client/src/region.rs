@@ -21,6 +21,10 @@ mod redundant;
 /// Stripe locks per region (erasure coding; see `redundant`).
 const STRIPE_LOCKS: usize = 64;
 
+/// Bits of a chase's `slab_base` (and of node links) that carry the
+/// caller's tag rather than a region offset.
+const CHASE_TAG_MASK: u64 = !((1 << 48) - 1);
+
 /// A far memory region `[0, size)` of one tenant.
 ///
 /// Cheap to share between threads (`&Region` is enough for every operation).
@@ -642,9 +646,12 @@ impl Region {
     /// end, or a chase whose next node is in another slab, stops there and
     /// says where to go on from.
     ///
-    /// * [`OffloadOp::Chase`]: node links are region offsets; the client
-    ///   sets `slab_base` to the region offset of the slab holding
-    ///   `offset` (whatever the caller put there).
+    /// * [`OffloadOp::Chase`]: node links are region offsets, optionally
+    ///   tagged in their top 16 bits (a region is smaller than 2^48 bytes;
+    ///   far objects put the region's index there, so that a link into
+    ///   another region never matches this slab). The client sets the low
+    ///   48 bits of `slab_base` to the region offset of the slab holding
+    ///   `offset` and keeps the caller's tag bits.
     /// * [`OffloadOp::Copy`]: `dest.offset` is the destination's region
     ///   offset (`dest.slab` and `dest.key` are filled in); the destination
     ///   range must also lie in one slab, on the same server as the source
@@ -685,12 +692,12 @@ impl Region {
             let (at, addr) = self.targets(map, slab, off, false)?.swap_remove(0);
             let op = match *op {
                 OffloadOp::Chase {
+                    slab_base,
                     next_off,
                     node_len,
                     hops,
-                    ..
                 } => OffloadOp::Chase {
-                    slab_base: slab as u64 * map.slab_size,
+                    slab_base: (slab_base & CHASE_TAG_MASK) | (slab as u64 * map.slab_size),
                     next_off,
                     node_len,
                     hops,
