@@ -235,7 +235,7 @@ pub(crate) struct Inner {
     pub(crate) heap: FarHeap,
     arena: Arena,
     slots: SlotTable,
-    budget: u64,
+    budget: AtomicU64,
     resident: AtomicU64,
     /// Resident object ids in CLOCK order, and the hand.
     ring: Mutex<(Vec<u32>, usize)>,
@@ -257,7 +257,7 @@ pub(crate) struct Inner {
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ObjectCache")
-            .field("budget", &self.budget)
+            .field("budget", &self.budget())
             .field("resident", &self.resident.load(Ordering::Relaxed))
             .finish()
     }
@@ -296,7 +296,7 @@ impl ObjectCache {
             heap: FarHeap::new(cluster, cfg.region_size),
             arena: Arena::new(),
             slots: SlotTable::new(),
-            budget: cfg.budget,
+            budget: AtomicU64::new(cfg.budget),
             resident: AtomicU64::new(0),
             ring: Mutex::new((Vec::new(), 0)),
             kick: Condvar::new(),
@@ -330,7 +330,20 @@ impl ObjectCache {
 
     /// The cache's budget in bytes.
     pub fn budget(&self) -> u64 {
-        self.inner.budget
+        self.inner.budget()
+    }
+
+    /// Changes the budget. A smaller budget is reached by the background
+    /// evictor (or [`ObjectCache::evict_to`]); zero is refused.
+    pub fn set_budget(&self, bytes: u64) -> Result<()> {
+        if bytes == 0 {
+            return Err(ObjError::InvalidArgument(
+                "the cache budget must be positive".into(),
+            ));
+        }
+        self.inner.budget.store(bytes, Ordering::Relaxed);
+        self.inner.wake_evictor();
+        Ok(())
     }
 
     /// A snapshot of the counters.
@@ -465,7 +478,8 @@ impl Inner {
             + class_size(len) as u64;
         if r > self.high_mark() {
             self.wake_evictor();
-            if may_evict && r > self.budget + self.budget / 8 && !in_scope() {
+            let budget = self.budget();
+            if may_evict && r > budget + budget / 8 && !in_scope() {
                 if let Err(e) = self.evict_round(self.low_mark()) {
                     tracing::warn!("object write-back failed (kept resident): {e}");
                 }
@@ -473,12 +487,18 @@ impl Inner {
         }
     }
 
+    fn budget(&self) -> u64 {
+        self.budget.load(Ordering::Relaxed)
+    }
+
     fn high_mark(&self) -> u64 {
-        self.budget - (self.budget / 32)
+        let b = self.budget();
+        b - b / 32
     }
 
     fn low_mark(&self) -> u64 {
-        self.budget - (self.budget / 16)
+        let b = self.budget();
+        b - b / 16
     }
 
     fn wake_evictor(&self) {
@@ -559,7 +579,7 @@ impl Inner {
     /// Objects of `len` bytes that fit in a quarter of the budget (the most
     /// an iterator keeps in flight).
     pub(crate) fn quarter_budget_objects(&self, len: usize) -> usize {
-        ((self.budget / 4) / class_size(len) as u64).max(1) as usize
+        ((self.budget() / 4) / class_size(len) as u64).max(1) as usize
     }
 
     /// Excludes an object from second chances: it is evicted first.
