@@ -216,7 +216,7 @@ fn fill(p: *mut u8, len: usize) {
 }
 
 /// One paged region holding the filled array, at `ratio`% local memory.
-fn paged_array(
+pub(crate) fn paged_array(
     cluster: &Cluster,
     size: u64,
     ratio: u32,

@@ -248,6 +248,26 @@ enum BenchCmd {
         #[arg(long)]
         no_zram: bool,
     },
+    /// Far objects: dereference cost against Box and HashMap, FarHashMap
+    /// lookups (fetch vs offload vs paging), FarVec sum (offloaded vs
+    /// fetched vs raw TCP) and a random gather (objects vs paging).
+    Objects {
+        /// Keys in the hash map.
+        #[arg(long, default_value_t = 200_000)]
+        keys: u64,
+        /// Lookups per hash-map row.
+        #[arg(long, default_value_t = 100_000)]
+        gets: u64,
+        /// Bytes of the summed vector (the cache gets a tenth).
+        #[arg(long, default_value = "256MiB", value_parser = size_arg)]
+        sum_size: u64,
+        /// Bytes of the gathered vector.
+        #[arg(long, default_value = "64MiB", value_parser = size_arg)]
+        gather_size: u64,
+        /// Elements per gather.
+        #[arg(long, default_value_t = 100_000)]
+        gathers: u64,
+    },
     /// Internal: the zram comparison's worker process.
     #[command(hide = true)]
     ZramWorker { size: u64, reads: u64 },
@@ -345,6 +365,20 @@ fn run(cmd: Cmd) -> Result<()> {
             ratios,
             no_zram,
         }) => paging_bench(size, random_reads, ratios, no_zram),
+        Cmd::Bench(BenchCmd::Objects {
+            keys,
+            gets,
+            sum_size,
+            gather_size,
+            gathers,
+        }) => objects_bench(remora_bench::objects::ObjectsOptions {
+            keys,
+            gets,
+            sum_bytes: sum_size,
+            gather_bytes: gather_size,
+            gathers,
+            ..Default::default()
+        }),
         Cmd::Bench(BenchCmd::ZramWorker { size, reads }) => {
             remora_bench::paging::zram_worker(size, reads)
         }
@@ -716,6 +750,22 @@ fn slabs(sizes: Vec<u64>) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn objects_bench(opts: remora_bench::objects::ObjectsOptions) -> Result<()> {
+    if opts.sum_bytes < 1 << 20 || opts.gather_bytes < 1 << 20 {
+        bail!("--sum-size and --gather-size must be at least 1MiB");
+    }
+    let need = opts.sum_bytes + 2 * opts.gather_bytes + (1 << 30);
+    let cfg = EmbeddedConfig::loopback(2, need);
+    eprintln!("starting an embedded cluster (2 servers) and a raw TCP server ...");
+    let cl = Embedded::start(&cfg)?;
+    let raw = embedded::spawn_announcing(
+        "raw TCP server",
+        &["bench".to_string(), "raw-server".to_string()],
+    )?;
+    let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
+    remora_bench::objects::run(&cluster, &raw.addr, &opts)
 }
 
 fn paging_bench(size: u64, random_reads: u64, ratios: Vec<u32>, no_zram: bool) -> Result<()> {
