@@ -729,7 +729,7 @@ impl Inner {
         // SAFETY: fresh room for `bytes.len()` bytes, unpublished.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.as_ptr(), bytes.len()) };
         self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
-        slot.hot.store(false, Ordering::Relaxed);
+        slot.hot.store(true, Ordering::Relaxed);
         slot.dirty.store(false, Ordering::Relaxed);
         slot.state
             .store(p.as_ptr() as u64 | PRESENT, Ordering::Release);
@@ -748,8 +748,9 @@ impl Inner {
                 self.counters
                     .fetched_bytes
                     .fetch_add(f.len as u64, Ordering::Relaxed);
-                // Not hot: a prefetched object that is never used goes first.
-                slot.hot.store(false, Ordering::Relaxed);
+                // Referenced, as CLOCK inserts: the hand may be right
+                // here, and the object is about to be used.
+                slot.hot.store(true, Ordering::Relaxed);
                 slot.dirty.store(false, Ordering::Relaxed);
                 slot.state
                     .store(f.dst.as_ptr() as u64 | PRESENT, Ordering::Release);
