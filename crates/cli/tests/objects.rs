@@ -577,3 +577,49 @@ fn shared_readers_miss_on_the_same_chunks() {
     }
     assert!(c.stats().evictions > 1000);
 }
+
+#[test]
+fn the_worked_example_runs() {
+    // Built by `cargo test --workspace` (examples of the `remora` crate).
+    let exe = std::env::current_exe().unwrap();
+    let ex = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("examples").join("far_kv"))
+        .unwrap();
+    if !ex.exists() {
+        panic!(
+            "{} is missing: run the tests with `cargo test --workspace`, which builds the examples",
+            ex.display()
+        );
+    }
+    let tc = cluster();
+    let out = std::process::Command::new(&ex)
+        .args([
+            "--accounts",
+            "3000",
+            "--transfers",
+            "3000",
+            "--local-mem",
+            "64KiB",
+        ])
+        .env("REMORA_CONTROLLER", &tc.controller_addr)
+        .env("REMORA_TOKEN", common::TOKEN)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("(same results)"), "{stdout}");
+    assert!(stdout.contains("evictions"), "{stdout}");
+    // Without a cluster it says what to set.
+    let out = std::process::Command::new(&ex)
+        .env_remove("REMORA_CONTROLLER")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("REMORA_CONTROLLER"));
+}
