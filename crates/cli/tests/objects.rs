@@ -62,6 +62,7 @@ enum VecOp {
     Get(usize),
     Truncate(usize),
     Iter,
+    IterUncached,
     Gather(Vec<usize>),
     Aggregate(usize, usize),
     Filter(usize, u64),
@@ -78,6 +79,7 @@ fn vec_op() -> impl Strategy<Value = VecOp> {
         3 => any::<usize>().prop_map(VecOp::Get),
         1 => any::<usize>().prop_map(VecOp::Truncate),
         1 => Just(VecOp::Iter),
+        1 => Just(VecOp::IterUncached),
         1 => prop::collection::vec(any::<usize>(), 0..20).prop_map(VecOp::Gather),
         1 => (any::<usize>(), any::<usize>()).prop_map(|(a, b)| VecOp::Aggregate(a, b)),
         1 => (any::<usize>(), 0..1000u64).prop_map(|(a, v)| VecOp::Filter(a, v)),
@@ -128,6 +130,12 @@ fn far_vec_matches_vec() {
                 }
                 VecOp::Iter => {
                     let got: Vec<u64> = far.iter().collect::<Result<_, _>>().unwrap();
+                    prop_assert_eq!(&got, &std);
+                }
+                VecOp::IterUncached => {
+                    far.set_nocache(true);
+                    let got: Vec<u64> = far.iter().collect::<Result<_, _>>().unwrap();
+                    far.set_nocache(false);
                     prop_assert_eq!(&got, &std);
                 }
                 VecOp::Gather(idx) => {

@@ -491,14 +491,17 @@ impl Inner {
         self.budget.load(Ordering::Relaxed)
     }
 
+    /// Eviction starts above the budget itself, so that a working set that
+    /// fits the budget stays whole ...
     fn high_mark(&self) -> u64 {
-        let b = self.budget();
-        b - b / 32
+        self.budget()
     }
 
+    /// ... and frees a thirty-second of it, so that the next misses find
+    /// room without waiting.
     fn low_mark(&self) -> u64 {
         let b = self.budget();
-        b - b / 16
+        b - b / 32
     }
 
     fn wake_evictor(&self) {
@@ -869,10 +872,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Reads an object's far bytes without caching it (for one-touch
-    /// scans). The caller checked that the object is not local.
-    pub(crate) fn read_uncached_async(&self, id: ObjId) -> ReadFuture {
-        let (far, len) = self.far_of(id);
+    /// Reads `len` far bytes at `far` without caching them (one-touch
+    /// scans); the caller checked that the objects there are not local.
+    pub(crate) fn read_uncached_async(&self, far: FarAddr, len: usize) -> ReadFuture {
         self.counters
             .uncached_bytes
             .fetch_add(len as u64, Ordering::Relaxed);

@@ -284,6 +284,7 @@ impl<T: Pod> FarVec<T> {
             window: 2,
             ahead: 0,
             uncached: VecDeque::new(),
+            run: None,
         }
     }
 
@@ -598,8 +599,11 @@ pub struct Iter<'a, T: Pod> {
     window: usize,
     /// Chunks below this were asked for ahead of use.
     ahead: usize,
-    /// Reads around the cache in flight (no-cache hint), in chunk order.
-    uncached: VecDeque<(usize, ReadFuture)>,
+    /// Reads around the cache in flight (no-cache hint), in chunk order:
+    /// first chunk, chunks, future.
+    uncached: VecDeque<(usize, usize, ReadFuture)>,
+    /// The last completed read around the cache: first chunk, chunks, bytes.
+    run: Option<(usize, usize, Vec<u8>)>,
 }
 
 impl<T: Pod> Iter<'_, T> {
@@ -611,6 +615,7 @@ impl<T: Pod> Iter<'_, T> {
         self.pos = 0;
         self.ahead = self.ahead.max(c);
         self.uncached.clear();
+        self.run = None;
         if c < self.vec.chunks.len() {
             if let Err(e) = self.load_chunk() {
                 // Reported again by `next`, which retries the chunk.
@@ -672,47 +677,78 @@ impl<T: Pod> Iter<'_, T> {
 
     fn load_uncached(&mut self, c: usize, n: usize) -> Result<()> {
         let inner = &self.vec.cache.inner;
-        let window = self.max_window().min(32);
-        // Keep reads in flight for the chunks after this one that are far.
+        let cb = self.vec.chunk_bytes();
+        // Up to 1 MiB in flight, in reads of up to 256 KiB that each cover
+        // chunks lying back to back in far memory.
+        let max_run = ((256 << 10) / cb).max(1);
+        let max_inflight = ((1 << 20) / cb).max(4);
         let mut k = self
             .uncached
             .back()
-            .map(|&(b, _)| b + 1)
+            .map(|&(b, len, _)| b + len)
             .unwrap_or(c)
-            .max(c);
-        while self.uncached.len() < window && k < self.vec.chunks.len() {
-            let id = self.vec.chunks[k];
-            if inner.residency(id) == Residency::Far {
-                self.uncached.push_back((k, inner.read_uncached_async(id)));
+            .max(c)
+            .max(self.run.as_ref().map_or(0, |r| r.0 + r.1));
+        let mut inflight: usize = self.uncached.iter().map(|r| r.1).sum();
+        while inflight < max_inflight && k < self.vec.chunks.len() {
+            if inner.residency(self.vec.chunks[k]) != Residency::Far {
+                k += 1;
+                continue;
             }
-            k += 1;
-        }
-        while self.uncached.front().is_some_and(|&(b, _)| b < c) {
-            self.uncached.pop_front();
-        }
-        if self.uncached.front().is_some_and(|&(b, _)| b == c) {
-            let (_, fut) = self.uncached.pop_front().expect("front");
-            let bytes = fut.wait()?;
-            if bytes.len() < n * std::mem::size_of::<T>() {
-                return Err(ObjError::BadReply(format!(
-                    "chunk read returned {} bytes",
-                    bytes.len()
-                )));
+            let (start, _) = inner.far_of(self.vec.chunks[k]);
+            let mut len = 1;
+            while len < max_run
+                && k + len < self.vec.chunks.len()
+                && inner.residency(self.vec.chunks[k + len]) == Residency::Far
+                && inner.far_of(self.vec.chunks[k + len]).0 .0 == start.0 + (len * cb) as u64
+            {
+                len += 1;
             }
-            // The bytes may be under-aligned for T: read element by element.
-            self.buf.extend(
-                bytes
-                    .chunks_exact(std::mem::size_of::<T>())
-                    .take(n)
-                    .map(bytemuck::pod_read_unaligned::<T>),
-            );
-        } else {
-            let s = Scope::new();
-            let p = inner.deref(self.vec.chunks[c])?;
-            // SAFETY: as in `load_chunk`.
-            let elems = unsafe { std::slice::from_raw_parts(p.as_ptr() as *const T, n) };
-            self.buf.extend_from_slice(elems);
-            drop(s);
+            self.uncached
+                .push_back((k, len, inner.read_uncached_async(start, len * cb)));
+            inflight += len;
+            k += len;
+        }
+        if !self.run.as_ref().is_some_and(|r| r.0 <= c && c < r.0 + r.1) {
+            while self
+                .uncached
+                .front()
+                .is_some_and(|&(b, len, _)| b + len <= c)
+            {
+                self.uncached.pop_front();
+            }
+            self.run = None;
+            if self.uncached.front().is_some_and(|&(b, _, _)| b <= c) {
+                let (b, len, fut) = self.uncached.pop_front().expect("front");
+                let bytes = fut.wait()?;
+                if bytes.len() != len * cb {
+                    return Err(ObjError::BadReply(format!(
+                        "a read of {} bytes returned {}",
+                        len * cb,
+                        bytes.len()
+                    )));
+                }
+                self.run = Some((b, len, bytes));
+            }
+        }
+        match &self.run {
+            Some((b, _, bytes)) if *b <= c => {
+                let at = (c - b) * cb;
+                // The bytes may be under-aligned for T: read element by element.
+                self.buf.extend(
+                    bytes[at..at + n * std::mem::size_of::<T>()]
+                        .chunks_exact(std::mem::size_of::<T>())
+                        .map(bytemuck::pod_read_unaligned::<T>),
+                );
+            }
+            _ => {
+                let s = Scope::new();
+                let p = inner.deref(self.vec.chunks[c])?;
+                // SAFETY: as in `load_chunk`.
+                let elems = unsafe { std::slice::from_raw_parts(p.as_ptr() as *const T, n) };
+                self.buf.extend_from_slice(elems);
+                drop(s);
+            }
         }
         self.next = c + 1;
         self.pos = 0;
