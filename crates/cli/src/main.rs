@@ -756,8 +756,14 @@ fn objects_bench(opts: remora_bench::objects::ObjectsOptions) -> Result<()> {
     if opts.sum_bytes < 1 << 20 || opts.gather_bytes < 1 << 20 {
         bail!("--sum-size and --gather-size must be at least 1MiB");
     }
-    let need = opts.sum_bytes + 2 * opts.gather_bytes + (1 << 30);
-    let cfg = EmbeddedConfig::loopback(2, need);
+    let (_cl, raw, cluster) = bench_cluster(opts.sum_bytes + 2 * opts.gather_bytes + (1 << 30))?;
+    remora_bench::objects::run(&cluster, &raw.addr, &opts)
+}
+
+/// An embedded cluster of two servers with `capacity` bytes each, a raw TCP
+/// server for baselines, and a client.
+fn bench_cluster(capacity: u64) -> Result<(Embedded, embedded::Helper, Cluster)> {
+    let cfg = EmbeddedConfig::loopback(2, capacity);
     eprintln!("starting an embedded cluster (2 servers) and a raw TCP server ...");
     let cl = Embedded::start(&cfg)?;
     let raw = embedded::spawn_announcing(
@@ -765,7 +771,7 @@ fn objects_bench(opts: remora_bench::objects::ObjectsOptions) -> Result<()> {
         &["bench".to_string(), "raw-server".to_string()],
     )?;
     let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
-    remora_bench::objects::run(&cluster, &raw.addr, &opts)
+    Ok((cl, raw, cluster))
 }
 
 fn paging_bench(size: u64, random_reads: u64, ratios: Vec<u32>, no_zram: bool) -> Result<()> {
@@ -775,14 +781,7 @@ fn paging_bench(size: u64, random_reads: u64, ratios: Vec<u32>, no_zram: bool) -
     if size < 16 << 20 {
         bail!("--size must be at least 16MiB");
     }
-    let cfg = EmbeddedConfig::loopback(2, size + (1 << 30));
-    eprintln!("starting an embedded cluster (2 servers) and a raw TCP server ...");
-    let cl = Embedded::start(&cfg)?;
-    let raw = embedded::spawn_announcing(
-        "raw TCP server",
-        &["bench".to_string(), "raw-server".to_string()],
-    )?;
-    let cluster = Cluster::connect(&cl.info.controller, &cl.info.token)?;
+    let (_cl, raw, cluster) = bench_cluster(size + (1 << 30))?;
     let exe = std::env::current_exe().context("locating the remora binary")?;
     let worker = vec![
         exe.display().to_string(),

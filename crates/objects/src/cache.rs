@@ -626,15 +626,8 @@ impl Inner {
                         id.0
                     )))
                 }
-                _ => {
-                    // FETCHING or WRITEBACK: another thread is moving it.
-                    spins += 1;
-                    if spins < 100 {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
-                }
+                // FETCHING or WRITEBACK: another thread is moving it.
+                _ => backoff(&mut spins),
             }
         }
     }
@@ -804,14 +797,7 @@ impl Inner {
                     }
                 }
                 FREE => return,
-                _ => {
-                    spins += 1;
-                    if spins < 100 {
-                        std::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
-                }
+                _ => backoff(&mut spins),
             }
         }
     }
@@ -1006,6 +992,17 @@ impl Inner {
             self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         }
         result.map(|()| n)
+    }
+}
+
+/// Waits a little for another thread that is moving an object: spins
+/// first, then yields.
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 100 {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
     }
 }
 

@@ -298,11 +298,8 @@ impl<T: Pod> FarVec<T> {
     where
         T: FarNum,
     {
-        let range = self.clip(range)?;
         let mut agg = Aggregate::empty();
-        let mut it = self.iter();
-        it.seek(range.start);
-        for v in it.take(range.len()) {
+        for v in self.iter_range(range)? {
             agg.add(v?);
         }
         Ok(agg)
@@ -403,13 +400,11 @@ impl<T: Pod> FarVec<T> {
     where
         T: FarNum,
     {
-        let range = self.clip(range)?;
+        let start = range.start;
         let mut out = Vec::new();
-        let mut it = self.iter();
-        it.seek(range.start);
-        for (k, v) in it.take(range.len()).enumerate() {
+        for (k, v) in self.iter_range(range)?.enumerate() {
             if cmp.holds(v?, operand) {
-                out.push(range.start + k);
+                out.push(start + k);
             }
         }
         Ok(out)
@@ -567,6 +562,14 @@ impl<T: Pod> FarVec<T> {
             .offload(at.offset(), op)?;
         self.cache.inner.count_offload(r.len());
         Ok(r)
+    }
+
+    /// Iterates over copies of the elements in `range`.
+    pub fn iter_range(&self, range: Range<usize>) -> Result<std::iter::Take<Iter<'_, T>>> {
+        let range = self.clip(range)?;
+        let mut it = self.iter();
+        it.seek(range.start);
+        Ok(it.take(range.len()))
     }
 
     fn clip(&self, range: Range<usize>) -> Result<Range<usize>> {
