@@ -631,3 +631,198 @@ fn the_worked_example_runs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("REMORA_CONTROLLER"));
 }
+
+/// Runs `f` on its own thread; fails if it does not finish in `secs`.
+fn within<F: FnOnce() + Send + 'static>(secs: u64, what: &str, f: F) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(()) => t.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // Panicked: report its message.
+            t.join().unwrap();
+        }
+        Err(_) => panic!("{what}: still running after {secs} s (deadlock)"),
+    }
+}
+
+#[test]
+fn offloaded_operations_inside_a_scope_do_not_wait_for_the_evictor() {
+    let tc = cluster();
+    let c = cache(&tc, 16 << 10);
+    let mut v = FarVec::<u64>::new(&c).unwrap();
+    v.extend_from_slice(&(0..4096u64).collect::<Vec<_>>())
+        .unwrap();
+    let v = Arc::new(v);
+    // Another thread keeps the evictor busy.
+    let c2 = c.clone();
+    let loader = std::thread::spawn(move || {
+        let mut w = FarVec::<u64>::new(&c2).unwrap();
+        for i in 0..60_000u64 {
+            w.push(i).unwrap();
+        }
+    });
+    within(60, "offloaded aggregates inside a scope", move || {
+        let s = Scope::new();
+        for _ in 0..200 {
+            let a = v.aggregate_offloaded(0..4096).unwrap();
+            assert_eq!(a.count, 4096);
+        }
+        drop(s);
+    });
+    loader.join().unwrap();
+}
+
+#[test]
+fn dropping_the_last_handle_inside_a_scope_does_not_deadlock() {
+    let tc = cluster();
+    let addr = tc.controller_addr.clone();
+    within(60, "dropping the cache inside a scope", move || {
+        let s = Scope::new();
+        let c = ObjectCache::new(
+            Cluster::connect(&addr, common::TOKEN).unwrap(),
+            CacheConfig {
+                budget: 8 << 10,
+                region_size: 1 << 20,
+                ..CacheConfig::default()
+            },
+        )
+        .unwrap();
+        let mut v = FarVec::<u64>::new(&c).unwrap();
+        // Far over the budget: the evictor starts a round and waits for
+        // this thread's scope.
+        for i in 0..20_000u64 {
+            v.push(i).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(v);
+        drop(c);
+        drop(s);
+    });
+}
+
+#[test]
+fn cache_flush_does_not_lose_concurrent_writes() {
+    let tc = cluster();
+    let c = cache(&tc, 1 << 20);
+    let mut b = FarBox::new(&c, [0u64; 4096]).unwrap();
+    for round in 1..=300u64 {
+        // A flusher runs while the whole object is rewritten.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flusher = {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.flush().unwrap();
+                }
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_micros(200));
+        {
+            let mut s = Scope::new();
+            let mut r = b.get_mut(&mut s).unwrap();
+            for x in r.iter_mut() {
+                *x = round;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flusher.join().unwrap();
+        // A clean copy is dropped, a dirty one written back.
+        c.evict_to(0).unwrap();
+        let got = b.read().unwrap();
+        assert!(got.iter().all(|&x| x == round), "round {round}: lost write");
+    }
+    // Flushing inside a scope would wait for itself.
+    let s = Scope::new();
+    assert!(matches!(c.flush(), Err(ObjError::ScopeOpen)));
+    drop(s);
+}
+
+#[test]
+fn concurrent_offloaded_list_walks_see_the_newest_links() {
+    let tc = cluster();
+    let c = cache(&tc, 1 << 20);
+    let mut list = FarList::<u64>::new(&c).unwrap();
+    let mut want = Vec::new();
+    for i in 0..4u64 {
+        list.push_back(i).unwrap();
+        want.push(i);
+    }
+    let list = Arc::new(RwLock::new(list));
+    for round in 0..300u64 {
+        c.evict_to(0).unwrap();
+        // The old tail is dirty now (its link changed), far memory has the
+        // old link.
+        list.write().unwrap().push_back(100 + round).unwrap();
+        want.push(100 + round);
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let walkers: Vec<_> = (0..2)
+            .map(|_| {
+                let (list, barrier, want) = (list.clone(), barrier.clone(), want.clone());
+                std::thread::spawn(move || {
+                    let l = list.read().unwrap();
+                    barrier.wait();
+                    assert_eq!(l.to_vec_offloaded().unwrap(), want);
+                })
+            })
+            .collect();
+        for w in walkers {
+            w.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn offloaded_vector_operations_with_chunks_larger_than_a_slab() {
+    let tc = TestCluster::start(Opts {
+        servers: 2,
+        capacity: "64MiB",
+        slab: "4KiB",
+        ..Opts::default()
+    });
+    let c = cache(&tc, 1 << 20);
+    // Chunks of 16 KiB over slabs of 4 KiB.
+    let mut v = FarVec::<u64>::with_chunk(&c, 2048).unwrap();
+    let n = 10_000u64;
+    v.extend_from_slice(&(0..n).collect::<Vec<_>>()).unwrap();
+    c.evict_to(0).unwrap();
+    let a = v.aggregate_offloaded(3..n as usize).unwrap();
+    assert_eq!(a.count, n - 3);
+    assert_eq!(a.sum_bits, (3..n).sum::<u64>());
+    let f = v.filter_offloaded(0..n as usize, Cmp::Lt, 5000).unwrap();
+    assert_eq!(f, (0..5000usize).collect::<Vec<_>>());
+}
+
+#[test]
+fn huge_map_capacities_are_errors() {
+    let tc = cluster();
+    let c = cache(&tc, 1 << 20);
+    for cap in [usize::MAX, usize::MAX / 8, 1 << 40] {
+        assert!(matches!(
+            FarHashMap::<u64, u64>::with_capacity(&c, cap),
+            Err(ObjError::InvalidArgument(_))
+        ));
+    }
+}
+
+#[test]
+fn offloaded_map_probes_with_small_slabs() {
+    let tc = TestCluster::start(Opts {
+        servers: 2,
+        capacity: "64MiB",
+        slab: "4KiB",
+        ..Opts::default()
+    });
+    let c = cache(&tc, 1 << 20);
+    let mut m = FarHashMap::<u64, u64>::with_capacity(&c, 4000).unwrap();
+    for k in 0..4000u64 {
+        m.insert(k, k * 7).unwrap();
+    }
+    c.evict_to(0).unwrap();
+    for k in 0..4000u64 {
+        assert_eq!(m.get_offloaded(&k).unwrap(), Some(k * 7), "key {k}");
+    }
+}

@@ -105,11 +105,20 @@ impl SlotTable {
     #[inline]
     fn get(&self, id: ObjId) -> &Slot {
         let seg = self.segs[(id.0 >> SEG_BITS) as usize].load(Ordering::Acquire);
-        debug_assert!(!seg.is_null());
-        // SAFETY: an id is handed out only after its segment was installed
-        // (Release, under the table lock) and segments live as long as the
-        // table; the index is below SEG.
+        // Ids are also decoded from far bytes (list links in offloaded
+        // traversals): one whose segment was never installed is refused.
+        assert!(!seg.is_null(), "unknown object id {}", id.0);
+        // SAFETY: `seg` is non-null, so it was installed by `take` (Release,
+        // under the table lock) as a boxed slice of SEG slots, and segments
+        // live as long as the table; the index is below SEG.
         unsafe { &*seg.add(id.0 as usize & (SEG - 1)) }
+    }
+
+    /// True if `id` names a slot of the table (in any state).
+    fn known(&self, id: ObjId) -> bool {
+        self.segs
+            .get((id.0 >> SEG_BITS) as usize)
+            .is_some_and(|s| !s.load(Ordering::Acquire).is_null())
     }
 
     fn take(&self) -> Result<ObjId> {
@@ -377,9 +386,14 @@ impl ObjectCache {
     }
 
     /// Writes every dirty resident object back, keeping it resident.
+    /// Writers on other threads are held off each object while its bytes
+    /// are taken, as for an eviction, so this waits for open scopes and
+    /// must not be called with a scope open on this thread.
     pub fn flush(&self) -> Result<()> {
-        let ids: Vec<ObjId> = self.inner.ring.lock().0.iter().map(|&i| ObjId(i)).collect();
-        self.inner.flush_ids(&ids)
+        if in_scope() {
+            return Err(ObjError::ScopeOpen);
+        }
+        self.inner.flush_all()
     }
 }
 
@@ -392,6 +406,12 @@ impl Drop for Owner {
         // channel close.
         inner.prefetch_tx.lock().take();
         let threads = std::mem::take(&mut *inner.threads.lock());
+        if in_scope() {
+            // An eviction round in progress waits for this thread's scope:
+            // joining would wait for it in turn. The threads stop by
+            // themselves once they see `stop`.
+            return;
+        }
         for t in threads {
             let _ = t.join();
         }
@@ -460,22 +480,28 @@ impl Inner {
         slot.hot.store(true, Ordering::Relaxed);
         slot.dirty.store(true, Ordering::Relaxed);
         slot.nocache.store(false, Ordering::Relaxed);
+        let r = self.charge(len);
         slot.state
             .store(p.as_ptr() as u64 | PRESENT, Ordering::Release);
-        self.admitted(id, len, true);
+        self.admitted(id, r, true);
         Ok(id)
     }
 
-    /// Accounts a newly resident object. Past the high watermark the
-    /// evictor is woken; far past the budget a thread outside any scope
-    /// evicts itself (back-pressure for bulk loads), unless `may_evict` is
-    /// false.
-    fn admitted(&self, id: ObjId, len: usize, may_evict: bool) {
+    /// Counts an object about to be published as resident; returns the
+    /// resident bytes with it. Called before the object is published, so
+    /// that whoever frees it (an owner, the evictor) takes off what is
+    /// already counted.
+    fn charge(&self, len: usize) -> u64 {
+        let size = class_size(len) as u64;
+        self.resident.fetch_add(size, Ordering::Relaxed) + size
+    }
+
+    /// Enters a newly published object (counted by [`Inner::charge`], which
+    /// returned `r`) in the CLOCK ring. Past the high watermark the evictor
+    /// is woken; far past the budget a thread outside any scope evicts
+    /// itself (back-pressure for bulk loads), unless `may_evict` is false.
+    fn admitted(&self, id: ObjId, r: u64, may_evict: bool) {
         self.ring.lock().0.push(id.0);
-        let r = self
-            .resident
-            .fetch_add(class_size(len) as u64, Ordering::Relaxed)
-            + class_size(len) as u64;
         if r > self.high_mark() {
             self.wake_evictor();
             let budget = self.budget();
@@ -555,6 +581,12 @@ impl Inner {
         if !d.load(Ordering::Relaxed) {
             d.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// True if `id` names a slot of this cache; for ids read from far bytes
+    /// that are not known to be current.
+    pub(crate) fn is_known(&self, id: ObjId) -> bool {
+        self.slots.known(id)
     }
 
     /// True if the object has changes that far memory does not have yet.
@@ -656,9 +688,10 @@ impl Inner {
             .fetch_add(len as u64, Ordering::Relaxed);
         slot.hot.store(true, Ordering::Relaxed);
         slot.dirty.store(false, Ordering::Relaxed);
+        let r = self.charge(len);
         slot.state
             .store(p.as_ptr() as u64 | PRESENT, Ordering::Release);
-        self.admitted(id, len, true);
+        self.admitted(id, r, true);
         Ok(p)
     }
 
@@ -727,10 +760,11 @@ impl Inner {
         self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
         slot.hot.store(true, Ordering::Relaxed);
         slot.dirty.store(false, Ordering::Relaxed);
+        let r = self.charge(bytes.len());
         slot.state
             .store(p.as_ptr() as u64 | PRESENT, Ordering::Release);
         // No eviction from here: the caller installs a chain in order.
-        self.admitted(id, bytes.len(), false);
+        self.admitted(id, r, false);
         true
     }
 
@@ -748,11 +782,12 @@ impl Inner {
                 // here, and the object is about to be used.
                 slot.hot.store(true, Ordering::Relaxed);
                 slot.dirty.store(false, Ordering::Relaxed);
+                let r = self.charge(f.len);
                 slot.state
                     .store(f.dst.as_ptr() as u64 | PRESENT, Ordering::Release);
                 // Never evict from here: a dereference may be waiting for a
                 // later fetch of this thread while holding a scope.
-                self.admitted(f.id, f.len, false);
+                self.admitted(f.id, r, false);
             }
             other => {
                 if let Err(e) = other {
@@ -805,33 +840,107 @@ impl Inner {
     /// Writes the dirty ones among `ids` back (they stay resident). The
     /// caller guarantees no one writes them meanwhile (it holds `&` of the
     /// structure, and writers need `&mut`).
+    ///
+    /// Takes no lock and waits for no eviction, so it may be called with a
+    /// scope open. The scope opened here stays open until the bytes have
+    /// landed, so an eviction round that picks one of these objects
+    /// meanwhile waits for it rather than freeing the object as clean while
+    /// far memory is older; and a dirty flag is cleared only after the
+    /// write landed (and bumped the far-write version), so a reader of far
+    /// bytes that finds an object clean finds its far bytes current.
     pub(crate) fn flush_ids(&self, ids: &[ObjId]) -> Result<()> {
-        // No eviction round meanwhile: one would take an object whose dirty
-        // flag is cleared below for clean and free it before its bytes land.
-        let _no_eviction = self.evicting.lock();
-        let mut writes: Vec<(usize, u64, Vec<u8>, ObjId)> = Vec::new();
+        if !ids.iter().any(|&id| self.is_dirty(id)) {
+            return Ok(());
+        }
         let scope = crate::Scope::new();
+        let mut writes: Vec<Write<'_, ObjId>> = Vec::new();
         for &id in ids {
             let slot = self.slot(id);
             if !slot.dirty.load(Ordering::Acquire) {
                 continue;
             }
-            // Dereference (rescuing a victim, waiting out a write-back).
+            // Dereference (rescuing a victim, waiting out a write-back). On
+            // error no flag was cleared: nothing is lost.
             let p = self.deref(id)?;
-            if !slot.dirty.swap(false, Ordering::AcqRel) {
+            if !slot.dirty.load(Ordering::Acquire) {
+                // Written back and fetched again meanwhile.
                 continue;
             }
             let (far, len) = self.far_of(id);
-            // SAFETY: resident for the scope; `len` bytes.
-            let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), len) }.to_vec();
+            // SAFETY: resident while `scope` lives, which is until after the
+            // write below; `len` bytes; no one writes them (caller's
+            // guarantee).
+            let bytes = unsafe { std::slice::from_raw_parts(p.as_ptr(), len) };
             writes.push((far.region(), far.offset(), bytes, id));
         }
+        self.write_back(&writes)?;
+        for w in &writes {
+            self.slot(w.3).dirty.store(false, Ordering::Release);
+        }
         drop(scope);
-        let r = self.write_back(&writes);
-        if r.is_err() {
-            for w in &writes {
-                self.slot(w.3).dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes every dirty resident object back, keeping it resident, while
+    /// writers may be at work: each object is unpublished and taken into
+    /// WRITEBACK as by an eviction round (so no guard on it is alive and
+    /// none can be made until it is published again), written from there,
+    /// then published again. Must not be called with a scope open on this
+    /// thread.
+    fn flush_all(&self) -> Result<()> {
+        // No eviction round meanwhile: its victims and these are told apart
+        // by their state words only.
+        let _one = self.evicting.lock();
+        let ids: Vec<u32> = self.ring.lock().0.clone();
+        let mut held: Vec<(ObjId, u64)> = Vec::new();
+        for id in ids {
+            let id = ObjId(id);
+            let slot = self.slot(id);
+            let s = slot.state.load(Ordering::Acquire);
+            if s & TAG != PRESENT || !slot.dirty.load(Ordering::Acquire) {
+                continue;
             }
+            let evicting = (s & !TAG) | EVICTING;
+            if slot
+                .state
+                .compare_exchange(s, evicting, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+            {
+                held.push((id, evicting));
+            }
+        }
+        if held.is_empty() {
+            return Ok(());
+        }
+        // No guard on a held object outlives this.
+        synchronize();
+        let mut writes: Vec<Write<'_, (ObjId, u64)>> = Vec::new();
+        for (id, evicting) in held {
+            let wb = (evicting & !TAG) | WRITEBACK;
+            if self
+                .slot(id)
+                .state
+                .compare_exchange(evicting, wb, Ordering::SeqCst, Ordering::Relaxed)
+                .is_err()
+            {
+                // Taken back by a dereference (it stays dirty and in the
+                // ring), or freed by its owner.
+                continue;
+            }
+            let (far, len) = self.far_of(id);
+            // SAFETY: in WRITEBACK no one writes the copy or frees it (a
+            // dereference or a destroy waits) until it is published below.
+            let bytes = unsafe { std::slice::from_raw_parts((wb & !TAG) as *const u8, len) };
+            writes.push((far.region(), far.offset(), bytes, (id, wb)));
+        }
+        let r = self.write_back(&writes);
+        for w in &writes {
+            let (id, wb) = w.3;
+            let slot = self.slot(id);
+            if r.is_ok() {
+                slot.dirty.store(false, Ordering::Release);
+            }
+            slot.state.store((wb & !TAG) | PRESENT, Ordering::Release);
         }
         r
     }

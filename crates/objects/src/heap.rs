@@ -143,9 +143,24 @@ impl FarHeap {
         }
     }
 
+    /// The cluster's slab size (taking a first region if none is held).
+    fn slab_size(&self) -> Result<u64> {
+        if let Some(r) = self.regions.read().first() {
+            return Ok(r.slab_size());
+        }
+        let mut st = self.state.lock();
+        if st.current.is_none() {
+            let i = self.add_region(self.region_size)?;
+            st.current = Some(i);
+            st.bump = 0;
+        }
+        drop(st);
+        Ok(self.regions.read()[0].slab_size())
+    }
+
     /// Allocates `count` consecutive pieces of `len` bytes, in runs that
-    /// each lie inside one slab: returns each run's address and number of
-    /// pieces.
+    /// each lie inside one slab (pieces larger than a slab: one per run):
+    /// returns each run's address and number of pieces.
     pub fn alloc_runs(&self, len: u64, count: u64) -> Result<Vec<(FarAddr, u64)>> {
         const RUN_BYTES: u64 = 64 << 10;
         if len == 0 || len > RUN_BYTES {
@@ -153,7 +168,8 @@ impl FarHeap {
                 "run pieces of {len} bytes (1 to {RUN_BYTES})"
             )));
         }
-        let per = RUN_BYTES / len;
+        // A run no larger than a slab is placed inside one.
+        let per = (RUN_BYTES.min(self.slab_size()?) / len).max(1);
         let mut runs = Vec::new();
         let mut left = count;
         while left > 0 {

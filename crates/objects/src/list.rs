@@ -195,25 +195,44 @@ impl<T: Pod> FarList<T> {
             }
             let since = self.cache.inner.far_version();
             let nodes = self.chase(id, MAX_HOPS)?;
-            if self.cache.inner.far_version() != since {
-                // A write-back landed meanwhile: the bytes may be stale.
-                continue;
-            }
             // Nodes after a dirty one may have newer links locally: keep
             // only the clean prefix (the first node was flushed above).
+            let mut vals: Vec<T> = Vec::new();
             let mut next_id = Some(id);
             for (k, n) in nodes.iter().enumerate() {
-                let this = next_id.expect("linked");
-                if (k > 0 && self.cache.inner.is_dirty(this)) || out.len() == self.len {
+                // More nodes than links, or a link to no object: stale
+                // bytes (caught below) or a bad reply (caught after the
+                // loop).
+                let Some(this) = next_id else { break };
+                if !self.cache.inner.is_known(this) {
+                    next_id = None;
                     break;
                 }
-                out.push(bytemuck::pod_read_unaligned(
+                if (k > 0 && self.cache.inner.is_dirty(this)) || out.len() + vals.len() == self.len
+                {
+                    break;
+                }
+                vals.push(bytemuck::pod_read_unaligned(
                     &n[HEADER..HEADER + std::mem::size_of::<T>()],
                 ));
                 let (_, nid) = link_of(n);
                 next_id = (nid != NIL_ID).then_some(ObjId(nid));
             }
+            // Checked after the flags: a flag found clean was cleared after
+            // its write-back bumped the version, so that bump is seen here.
+            if self.cache.inner.far_version() != since {
+                // A write-back landed meanwhile: the bytes may be stale.
+                continue;
+            }
+            out.extend(vals);
             cur = next_id;
+        }
+        if out.len() != self.len {
+            return Err(ObjError::BadReply(format!(
+                "traversal found {} of {} nodes",
+                out.len(),
+                self.len
+            )));
         }
         Ok(out)
     }

@@ -111,7 +111,20 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
                 "far hash map entries must be under 8 KiB".into(),
             ));
         }
-        let want = (capacity * 8).div_ceil(MAX_LOAD_EIGHTHS * SLOTS).max(1);
+        // A cache holds up to 2^30 objects, a bucket is one.
+        let Some(want) = capacity
+            .checked_mul(8)
+            .and_then(|c| {
+                c.div_ceil(MAX_LOAD_EIGHTHS * SLOTS)
+                    .max(1)
+                    .checked_next_power_of_two()
+            })
+            .filter(|&n| n <= 1 << 30)
+        else {
+            return Err(ObjError::InvalidArgument(format!(
+                "a far hash map for {capacity} entries needs more buckets than a cache holds"
+            )));
+        };
         let mut m = FarHashMap {
             cache: cache.clone(),
             buckets: Vec::new(),
@@ -121,7 +134,7 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
             hasher: RandomState::new(),
             _kv: PhantomData,
         };
-        m.allocate(want.next_power_of_two())?;
+        m.allocate(want)?;
         Ok(m)
     }
 
@@ -271,9 +284,11 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
                 return Err(ObjError::BadReply(format!("probe of {probed} buckets")));
             }
             // The server saw far bytes; a dirty bucket on the path has
-            // newer ones.
-            if self.cache.inner.far_version() != since
-                || (b..b + probed).any(|i| self.cache.inner.is_dirty(self.buckets[i & (n - 1)]))
+            // newer ones. The flags are read before the version: a flag
+            // found clean was cleared after its write-back bumped the
+            // version, so that bump is seen below.
+            if (b..b + probed).any(|i| self.cache.inner.is_dirty(self.buckets[i & (n - 1)]))
+                || self.cache.inner.far_version() != since
             {
                 return self.get_from(home, fp, key);
             }

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use bytemuck::Pod;
 use remora_client::offload::{cmp as cmp_code, output, MAX_OFFLOAD_SCAN};
-use remora_client::{OffloadOp, ReadFuture};
+use remora_client::{ClientError, OffloadOp, ReadFuture};
 
 use crate::cache::{ObjId, ObjectCache, Residency};
 use crate::heap::FarAddr;
@@ -463,10 +463,20 @@ impl<T: Pod> FarVec<T> {
                         v.cache.inner.count_offload(r.len());
                         true
                     }
-                    Err(e) => {
+                    // Refused, so not applied (other servers, a slab
+                    // boundary, a server's refusal): copy here.
+                    Err(
+                        e @ (ClientError::Unsupported { .. }
+                        | ClientError::InvalidArgument { .. }
+                        | ClientError::Remote { .. }),
+                    ) => {
                         tracing::debug!("offloaded copy refused ({e}); copying here");
                         false
                     }
+                    // It may have been applied (an overlapping copy is not
+                    // resent): copying again from a source it overwrote
+                    // would be wrong.
+                    Err(e) => return Err(e.into()),
                 }
             } else {
                 false
@@ -533,10 +543,13 @@ impl<T: Pod> FarVec<T> {
         let mut i = range.start;
         while i < range.end {
             let c = i >> self.shift;
-            let n = ((c + 1) << self.shift).min(range.end) - i;
             let (base, _) = self.cache.inner.far_of(self.chunks[c]);
             let at = FarAddr(base.0 + ((i & mask) * size) as u64);
             let slab = self.cache.inner.heap.region(at.region()).slab_size();
+            // A chunk larger than a slab straddles slab boundaries: its part
+            // in this slab only.
+            let in_slab = ((slab - at.offset() % slab) as usize / size).max(1);
+            let n = (((c + 1) << self.shift).min(range.end) - i).min(in_slab);
             match runs.last_mut() {
                 Some((start, _, cnt))
                     if start.0 + (*cnt * size) as u64 == at.0
