@@ -825,4 +825,19 @@ fn offloaded_map_probes_with_small_slabs() {
     for k in 0..4000u64 {
         assert_eq!(m.get_offloaded(&k).unwrap(), Some(k * 7), "key {k}");
     }
+    // Buckets and nodes larger than a slab.
+    let mut big = FarHashMap::<u64, [u64; 64]>::with_capacity(&c, 100).unwrap();
+    for k in 0..100u64 {
+        big.insert(k, [k; 64]).unwrap();
+    }
+    let mut l = FarList::<[u64; 512]>::new(&c).unwrap();
+    for k in 0..10u64 {
+        l.push_back([k; 512]).unwrap();
+    }
+    c.evict_to(0).unwrap();
+    for k in 0..100u64 {
+        assert_eq!(big.get_offloaded(&k).unwrap(), Some([k; 64]), "key {k}");
+    }
+    let got = l.to_vec_offloaded().unwrap();
+    assert!(got.iter().enumerate().all(|(k, v)| *v == [k as u64; 512]));
 }

@@ -459,6 +459,13 @@ impl Inner {
     /// even on error.
     pub(crate) fn create_at(&self, bytes: &[u8], far: FarAddr, align: u64) -> Result<ObjId> {
         let len = bytes.len();
+        if u32::try_from(len).is_err() {
+            // A slot keeps the length in 32 bits.
+            self.heap.free(far, len as u64, align);
+            return Err(ObjError::InvalidArgument(format!(
+                "an object of {len} bytes (at most 4 GiB)"
+            )));
+        }
         let id = match self.slots.take() {
             Ok(id) => id,
             Err(e) => {

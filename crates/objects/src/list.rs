@@ -182,8 +182,17 @@ impl<T: Pod> FarList<T> {
 
     /// Walks the whole list at the memory servers (after writing back the
     /// list's dirty nodes) and returns copies of the values; nodes do not
-    /// enter the cache.
+    /// enter the cache (unless they are larger than the cluster's slabs:
+    /// then the list is walked here).
     pub fn to_vec_offloaded(&self) -> Result<Vec<T>> {
+        if let Some(h) = self.head {
+            let (far, _) = self.cache.inner.far_of(h);
+            if node_len::<T>() as u64 > self.cache.inner.heap.region(far.region()).slab_size() {
+                // Nodes larger than a slab straddle slab boundaries, which
+                // a server cannot follow: walk them here.
+                return self.to_vec();
+            }
+        }
         let mut out = Vec::with_capacity(self.len);
         let mut cur = self.head;
         while let Some(id) = cur {

@@ -239,7 +239,8 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
     /// The value of `key`, probed at the memory server when its home
     /// bucket is not cached: one request returns just the value, and no
     /// bucket enters the cache. Falls back to [`FarHashMap::get`] when a
-    /// bucket on the probe path has changes not yet in far memory.
+    /// bucket on the probe path has changes not yet in far memory, or when
+    /// buckets are larger than the cluster's slabs.
     pub fn get_offloaded(&self, key: &K) -> Result<Option<V>> {
         let (home, fp) = self.hash(key);
         if self.cache.inner.residency(self.buckets[home]) == Residency::Local {
@@ -255,6 +256,11 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
             let (first, at, count) = self.runs[ri];
             let left = (first + count - b).min(n - probed_total).min(1024);
             let far = FarAddr(at.0 + ((b - first) * blen) as u64);
+            if blen as u64 > self.cache.inner.heap.region(far.region()).slab_size() {
+                // Buckets larger than a slab straddle slab boundaries,
+                // which a server cannot probe.
+                return self.get_from(home, fp, key);
+            }
             let op = OffloadOp::Probe {
                 bucket_len: blen as u32,
                 slots: SLOTS as u8,
