@@ -841,3 +841,28 @@ fn offloaded_map_probes_with_small_slabs() {
     let got = l.to_vec_offloaded().unwrap();
     assert!(got.iter().enumerate().all(|(k, v)| *v == [k as u64; 512]));
 }
+
+#[test]
+fn map_entries_fetch_ahead_within_the_budget() {
+    let tc = cluster();
+    // A bucket is 136 bytes (144 in its size class); the budget holds 16.
+    let c = cache(&tc, 16 * 144);
+    let mut m = FarHashMap::<u64, u64>::with_capacity(&c, 2000).unwrap();
+    for k in 0..2000u64 {
+        m.insert(k, k).unwrap();
+    }
+    c.evict_to(0).unwrap();
+    let before = c.stats();
+    let mut got = m.entries().unwrap();
+    got.sort_unstable();
+    assert_eq!(got, (0..2000u64).map(|k| (k, k)).collect::<Vec<_>>());
+    let after = c.stats();
+    // Buckets fetched ahead are used before they are evicted: few demand
+    // misses.
+    let misses = after.misses - before.misses;
+    assert!(
+        misses < m.buckets() as u64 / 10,
+        "{misses} misses for {} buckets",
+        m.buckets()
+    );
+}

@@ -405,9 +405,12 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
     pub fn entries(&self) -> Result<Vec<(K, V)>> {
         let blen = bucket_len::<K, V>();
         let mut out = Vec::with_capacity(self.len);
+        // Batches that fit the budget: buckets fetched ahead beyond it
+        // would be evicted before their use.
+        let window = self.cache.inner.quarter_budget_objects(blen).clamp(1, 64);
         for (j, &id) in self.buckets.iter().enumerate() {
-            if j % 64 == 0 {
-                let end = (j + 64).min(self.buckets.len());
+            if j % window == 0 {
+                let end = (j + window).min(self.buckets.len());
                 self.cache
                     .inner
                     .prefetch(self.buckets[j..end].iter().copied());
