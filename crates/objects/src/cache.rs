@@ -229,15 +229,16 @@ pub struct CacheStats {
 /// A write-back: region index, offset, bytes, and what the caller tracks.
 type Write<'a, X> = (usize, u64, &'a [u8], X);
 
+/// One prefetch request: objects lying back to back in far memory, read
+/// with one request.
 struct Fetch {
-    id: ObjId,
-    dst: NonNull<u8>,
-    len: usize,
+    /// Each object, its local copy and its length, in far order.
+    parts: Vec<(ObjId, NonNull<u8>, usize)>,
     fut: ReadFuture,
 }
 
-// SAFETY: `dst` is the local copy of an object in FETCHING state, which only
-// the prefetcher thread writes until it publishes the object.
+// SAFETY: each `NonNull` is the local copy of an object in FETCHING state,
+// which only the prefetcher thread writes until it publishes the object.
 unsafe impl Send for Fetch {}
 
 pub(crate) struct Inner {
@@ -705,8 +706,30 @@ impl Inner {
     /// Starts fetching the absent objects among `ids` without waiting; a
     /// dereference of one of them waits for its fetch only.
     pub(crate) fn prefetch(&self, ids: impl IntoIterator<Item = ObjId>) {
+        /// Most bytes one prefetch request reads.
+        const MAX_RUN: usize = 256 << 10;
         let tx = self.prefetch_tx.lock().clone();
         let Some(tx) = tx else { return };
+        let mut run: Vec<(ObjId, NonNull<u8>, usize)> = Vec::new();
+        let mut run_start = FarAddr(0);
+        let mut run_len = 0usize;
+        let send = |run: &mut Vec<(ObjId, NonNull<u8>, usize)>, start: FarAddr, len: usize| {
+            if run.is_empty() {
+                return;
+            }
+            let fut = self
+                .heap
+                .region(start.region())
+                .read_async(start.offset(), len);
+            let parts = std::mem::take(run);
+            if let Err(mpsc::SendError(f)) = tx.send(Fetch { parts, fut }) {
+                for (id, dst, len) in f.parts {
+                    // SAFETY: allocated for this fetch, never published.
+                    unsafe { self.arena.free(dst, len) };
+                    self.slot(id).state.store(ABSENT, Ordering::Release);
+                }
+            }
+        };
         for id in ids {
             let slot = self.slot(id);
             if slot
@@ -721,13 +744,19 @@ impl Inner {
                 slot.state.store(ABSENT, Ordering::Release);
                 continue;
             };
-            let fut = self.heap.region(far.region()).read_async(far.offset(), len);
-            if let Err(mpsc::SendError(f)) = tx.send(Fetch { id, dst, len, fut }) {
-                // SAFETY: allocated above, never published.
-                unsafe { self.arena.free(f.dst, len) };
-                slot.state.store(ABSENT, Ordering::Release);
+            let follows = !run.is_empty()
+                && far.region() == run_start.region()
+                && far.0 == run_start.0 + run_len as u64
+                && run_len + len <= MAX_RUN;
+            if !follows {
+                send(&mut run, run_start, run_len);
+                run_start = far;
+                run_len = 0;
             }
+            run.push((id, dst, len));
+            run_len += len;
         }
+        send(&mut run, run_start, run_len);
     }
 
     /// The far-write version: read it before reading far bytes outside
@@ -776,33 +805,42 @@ impl Inner {
     }
 
     fn complete_prefetch(&self, f: Fetch) {
-        let slot = self.slot(f.id);
+        let total: usize = f.parts.iter().map(|p| p.2).sum();
         match f.fut.wait() {
-            Ok(data) if data.len() == f.len => {
-                // SAFETY: `dst` has room for `len` bytes, unpublished.
-                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), f.dst.as_ptr(), f.len) };
-                self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .fetched_bytes
-                    .fetch_add(f.len as u64, Ordering::Relaxed);
-                // Referenced, as CLOCK inserts: the hand may be right
-                // here, and the object is about to be used.
-                slot.hot.store(true, Ordering::Relaxed);
-                slot.dirty.store(false, Ordering::Relaxed);
-                let r = self.charge(f.len);
-                slot.state
-                    .store(f.dst.as_ptr() as u64 | PRESENT, Ordering::Release);
-                // Never evict from here: a dereference may be waiting for a
-                // later fetch of this thread while holding a scope.
-                self.admitted(f.id, r, false);
+            Ok(data) if data.len() == total => {
+                let mut at = 0;
+                for (id, dst, len) in f.parts {
+                    let slot = self.slot(id);
+                    // SAFETY: `dst` has room for `len` bytes, unpublished.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(data[at..].as_ptr(), dst.as_ptr(), len)
+                    };
+                    at += len;
+                    self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .fetched_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                    // Referenced, as CLOCK inserts: the hand may be right
+                    // here, and the object is about to be used.
+                    slot.hot.store(true, Ordering::Relaxed);
+                    slot.dirty.store(false, Ordering::Relaxed);
+                    let r = self.charge(len);
+                    slot.state
+                        .store(dst.as_ptr() as u64 | PRESENT, Ordering::Release);
+                    // Never evict from here: a dereference may be waiting
+                    // for a later fetch of this thread while holding a scope.
+                    self.admitted(id, r, false);
+                }
             }
             other => {
                 if let Err(e) = other {
                     tracing::debug!("prefetch failed (a later use fetches again): {e}");
                 }
-                // SAFETY: allocated for this fetch, never published.
-                unsafe { self.arena.free(f.dst, f.len) };
-                slot.state.store(ABSENT, Ordering::Release);
+                for (id, dst, len) in f.parts {
+                    // SAFETY: allocated for this fetch, never published.
+                    unsafe { self.arena.free(dst, len) };
+                    self.slot(id).state.store(ABSENT, Ordering::Release);
+                }
             }
         }
     }

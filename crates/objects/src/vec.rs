@@ -663,9 +663,11 @@ impl<T: Pod> Iter<'_, T> {
         if self.vec.nocache {
             return self.load_uncached(c, n);
         }
-        // Keep `window` chunks requested ahead of this one.
+        // Keep up to `window` chunks requested ahead of this one, asking
+        // for more once half of them are used, so that requests cover runs
+        // of chunks (read together when they lie back to back).
         let want = (c + 1 + self.window).min(self.vec.chunks.len());
-        if self.ahead < want {
+        if self.ahead < want && self.ahead <= c + 1 + self.window / 2 {
             let from = self.ahead.max(c + 1);
             inner.prefetch(self.vec.chunks[from..want].iter().copied());
             self.ahead = want;
