@@ -485,14 +485,22 @@ impl Inner {
         slot.far.store(far.0, Ordering::Relaxed);
         slot.len.store(len as u32, Ordering::Relaxed);
         slot.align.store(align as u32, Ordering::Relaxed);
-        slot.hot.store(true, Ordering::Relaxed);
-        slot.dirty.store(true, Ordering::Relaxed);
         slot.nocache.store(false, Ordering::Relaxed);
+        self.publish(id, p, len, true, true);
+        Ok(id)
+    }
+
+    /// Publishes a filled local copy as the resident object `id`: referenced
+    /// (as CLOCK inserts), clean or dirty, counted, and entered in the ring
+    /// (see [`Inner::admitted`] for `may_evict`).
+    fn publish(&self, id: ObjId, p: NonNull<u8>, len: usize, dirty: bool, may_evict: bool) {
+        let slot = self.slot(id);
+        slot.hot.store(true, Ordering::Relaxed);
+        slot.dirty.store(dirty, Ordering::Relaxed);
         let r = self.charge(len);
         slot.state
             .store(p.as_ptr() as u64 | PRESENT, Ordering::Release);
-        self.admitted(id, r, true);
-        Ok(id)
+        self.admitted(id, r, may_evict);
     }
 
     /// Counts an object about to be published as resident; returns the
@@ -694,12 +702,7 @@ impl Inner {
         self.counters
             .fetched_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
-        slot.hot.store(true, Ordering::Relaxed);
-        slot.dirty.store(false, Ordering::Relaxed);
-        let r = self.charge(len);
-        slot.state
-            .store(p.as_ptr() as u64 | PRESENT, Ordering::Release);
-        self.admitted(id, r, true);
+        self.publish(id, p, len, false, true);
         Ok(p)
     }
 
@@ -794,13 +797,8 @@ impl Inner {
         // SAFETY: fresh room for `bytes.len()` bytes, unpublished.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.as_ptr(), bytes.len()) };
         self.counters.prefetches.fetch_add(1, Ordering::Relaxed);
-        slot.hot.store(true, Ordering::Relaxed);
-        slot.dirty.store(false, Ordering::Relaxed);
-        let r = self.charge(bytes.len());
-        slot.state
-            .store(p.as_ptr() as u64 | PRESENT, Ordering::Release);
         // No eviction from here: the caller installs a chain in order.
-        self.admitted(id, r, false);
+        self.publish(id, p, bytes.len(), false, false);
         true
     }
 
@@ -810,7 +808,6 @@ impl Inner {
             Ok(data) if data.len() == total => {
                 let mut at = 0;
                 for (id, dst, len) in f.parts {
-                    let slot = self.slot(id);
                     // SAFETY: `dst` has room for `len` bytes, unpublished.
                     unsafe {
                         std::ptr::copy_nonoverlapping(data[at..].as_ptr(), dst.as_ptr(), len)
@@ -820,16 +817,9 @@ impl Inner {
                     self.counters
                         .fetched_bytes
                         .fetch_add(len as u64, Ordering::Relaxed);
-                    // Referenced, as CLOCK inserts: the hand may be right
-                    // here, and the object is about to be used.
-                    slot.hot.store(true, Ordering::Relaxed);
-                    slot.dirty.store(false, Ordering::Relaxed);
-                    let r = self.charge(len);
-                    slot.state
-                        .store(dst.as_ptr() as u64 | PRESENT, Ordering::Release);
                     // Never evict from here: a dereference may be waiting
                     // for a later fetch of this thread while holding a scope.
-                    self.admitted(id, r, false);
+                    self.publish(id, dst, len, false, false);
                 }
             }
             other => {

@@ -10,6 +10,7 @@
 use std::marker::PhantomData;
 
 use bytemuck::Pod;
+use remora_client::offload::ChaseReply;
 use remora_client::OffloadOp;
 
 use crate::cache::{ObjId, ObjectCache, Residency};
@@ -262,20 +263,12 @@ impl<T: Pod> FarList<T> {
         };
         let reply = region.offload(far.offset(), &op)?;
         self.cache.inner.count_offload(reply.len());
-        if reply.len() < 10 {
-            return Err(ObjError::BadReply(format!(
-                "traversal reply of {} bytes",
-                reply.len()
-            )));
+        let r = ChaseReply::decode(&reply, nl as u16)
+            .map_err(|e| ObjError::BadReply(format!("traversal: {e}")))?;
+        if r.nodes == 0 {
+            return Err(ObjError::BadReply("traversal returned no node".into()));
         }
-        let n = u16::from_le_bytes([reply[0], reply[1]]) as usize;
-        if n == 0 || reply.len() != 10 + n * nl {
-            return Err(ObjError::BadReply(format!(
-                "traversal of {n} nodes in {} bytes",
-                reply.len()
-            )));
-        }
-        Ok(reply[10..].chunks_exact(nl).map(|c| c.to_vec()).collect())
+        Ok(r.iter().map(|c| c.to_vec()).collect())
     }
 
     /// Reads `len` nodes' values starting at the head (copies).

@@ -16,6 +16,7 @@ use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
 
 use bytemuck::Pod;
+use remora_client::offload::{probe, ProbeReply};
 use remora_client::OffloadOp;
 
 use crate::cache::{ObjId, ObjectCache, Residency};
@@ -278,14 +279,9 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
                 .region(far.region())
                 .offload(far.offset(), &op)?;
             self.cache.inner.count_offload(reply.len());
-            if reply.len() < 3 {
-                return Err(ObjError::BadReply(format!(
-                    "probe reply of {} bytes",
-                    reply.len()
-                )));
-            }
-            let status = reply[0];
-            let probed = u16::from_le_bytes([reply[1], reply[2]]) as usize;
+            let r = ProbeReply::decode(&reply)
+                .map_err(|e| ObjError::BadReply(format!("probe: {e}")))?;
+            let probed = r.buckets as usize;
             if probed == 0 || probed > left {
                 return Err(ObjError::BadReply(format!("probe of {probed} buckets")));
             }
@@ -298,23 +294,23 @@ impl<K: Pod + Eq + Hash, V: Pod> FarHashMap<K, V> {
             {
                 return self.get_from(home, fp, key);
             }
-            match status {
-                0 => {
+            match r.status {
+                probe::FOUND => {
                     let vs = std::mem::size_of::<V>();
-                    if reply.len() != 4 + vs {
+                    if r.value.len() != vs {
                         return Err(ObjError::BadReply(format!(
                             "probe found a value of {} bytes, expected {vs}",
-                            reply.len() - 4
+                            r.value.len()
                         )));
                     }
-                    return Ok(Some(bytemuck::pod_read_unaligned(&reply[4..])));
+                    return Ok(Some(bytemuck::pod_read_unaligned(r.value)));
                 }
-                1 => return Ok(None),
-                2 => {
+                probe::ABSENT => return Ok(None),
+                _ => {
+                    // UNFINISHED (the decoder admits nothing else).
                     probed_total += probed;
                     b = (b + probed) & (n - 1);
                 }
-                s => return Err(ObjError::BadReply(format!("probe status {s}"))),
             }
         }
         Ok(None)

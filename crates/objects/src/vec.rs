@@ -5,7 +5,9 @@ use std::marker::PhantomData;
 use std::ops::Range;
 
 use bytemuck::Pod;
-use remora_client::offload::{cmp as cmp_code, output, MAX_OFFLOAD_SCAN};
+use remora_client::offload::{
+    cmp as cmp_code, output, AggregateReply, FilterReply, MAX_OFFLOAD_SCAN,
+};
 use remora_client::{ClientError, OffloadOp, ReadFuture};
 
 use crate::cache::{ObjId, ObjectCache, Residency};
@@ -322,24 +324,19 @@ impl<T: Pod> FarVec<T> {
                 count: count as u32,
             };
             let r = self.offload(far, &op)?;
-            if r.len() != 32 {
+            let r = AggregateReply::decode(&r)
+                .map_err(|e| ObjError::BadReply(format!("aggregate: {e}")))?;
+            if r.n != count as u64 {
                 return Err(ObjError::BadReply(format!(
-                    "aggregate reply of {} bytes",
-                    r.len()
-                )));
-            }
-            let w = |i: usize| u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().expect("8"));
-            let n = w(3);
-            if n != count as u64 {
-                return Err(ObjError::BadReply(format!(
-                    "aggregated {n} of {count} elements"
+                    "aggregated {} of {count} elements",
+                    r.n
                 )));
             }
             agg.merge(Aggregate {
-                sum_bits: w(0),
-                min: Some(T::from_bits(w(1))),
-                max: Some(T::from_bits(w(2))),
-                count: n,
+                sum_bits: r.sum,
+                min: Some(T::from_bits(r.min)),
+                max: Some(T::from_bits(r.max)),
+                count: r.n,
             });
         }
         Ok(agg)
@@ -369,25 +366,15 @@ impl<T: Pod> FarVec<T> {
                     out: output::INDICES,
                 };
                 let r = self.offload(at, &op)?;
-                if r.len() < 8 {
+                let r = FilterReply::decode(&r, T::ELEM, output::INDICES)
+                    .map_err(|e| ObjError::BadReply(format!("filter: {e}")))?;
+                let scanned = r.scanned as usize;
+                if scanned == 0 || scanned > left {
                     return Err(ObjError::BadReply(format!(
-                        "filter reply of {} bytes",
-                        r.len()
+                        "filter scanned {scanned} of {left} elements"
                     )));
                 }
-                let scanned = u32::from_le_bytes(r[0..4].try_into().expect("4")) as usize;
-                let matched = u32::from_le_bytes(r[4..8].try_into().expect("4")) as usize;
-                if scanned == 0 || scanned > left || r.len() != 8 + 4 * matched {
-                    return Err(ObjError::BadReply(format!(
-                        "filter scanned {scanned} of {left}, {matched} matches in {} bytes",
-                        r.len()
-                    )));
-                }
-                out.extend(
-                    r[8..].chunks_exact(4).map(|c| {
-                        first + done + u32::from_le_bytes(c.try_into().expect("4")) as usize
-                    }),
-                );
+                out.extend(r.indices().map(|i| first + done + i as usize));
                 done += scanned;
             }
         }
