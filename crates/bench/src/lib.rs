@@ -17,3 +17,4 @@ pub mod objects;
 pub mod paging;
 pub mod redundancy;
 pub mod slabs;
+pub mod suite;
