@@ -240,6 +240,10 @@ pub(crate) struct Inner {
     slots: Slots,
     lists: Mutex<Lists>,
     resident: AtomicU64,
+    /// A budget in pages set at run time ([`PagedRegion::set_budget`]), 0: none.
+    budget_override: AtomicU64,
+    /// The largest budget the page lists were sized for, in pages.
+    max_budget: u64,
     touched: AtomicU64,
     /// Evictor wake-up, and waiters for room.
     room: Mutex<()>,
@@ -341,6 +345,8 @@ impl PagedRegion {
             slots,
             lists: Mutex::new(Lists::default()),
             resident: AtomicU64::new(0),
+            budget_override: AtomicU64::new(0),
+            max_budget,
             touched: AtomicU64::new(0),
             room: Mutex::new(()),
             evict_cv: Condvar::new(),
@@ -425,6 +431,39 @@ impl PagedRegion {
         self.inner.pause_and_fill()
     }
 
+    /// Changes the budget to `bytes` while the program runs (at most the
+    /// budget the region was created with, at least a few pages). A lower
+    /// budget is reached by the evictor in the background; see
+    /// [`PagedRegion::wait_within_budget`].
+    pub fn set_budget(&self, bytes: u64) {
+        let pages = (bytes / PAGE as u64).clamp(
+            crate::config::MIN_PAGES,
+            self.inner.max_budget.max(crate::config::MIN_PAGES),
+        );
+        self.inner.budget_override.store(pages, Ordering::Relaxed);
+        let _g = self.inner.room.lock();
+        self.inner.evict_cv.notify_all();
+    }
+
+    /// Waits up to `timeout` until no more pages are resident than the
+    /// budget allows; returns whether they are.
+    pub fn wait_within_budget(&self, timeout: Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if self.inner.resident.load(Ordering::Acquire) <= self.inner.budget() {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            {
+                let _g = self.inner.room.lock();
+                self.inner.evict_cv.notify_all();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Undoes [`PagedRegion::pause_and_fill`] in the parent.
     pub fn resume(&self) {
         self.inner.paused.store(false, Ordering::Release);
@@ -478,7 +517,9 @@ impl Inner {
     }
 
     fn budget(&self) -> u64 {
+        let o = self.budget_override.load(Ordering::Relaxed);
         let b = match self.cfg.budget {
+            _ if o > 0 => o,
             Budget::Bytes(b) => b / PAGE as u64,
             Budget::Fraction(f) => {
                 let t = self.touched.load(Ordering::Relaxed) as f64;

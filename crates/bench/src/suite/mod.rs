@@ -85,9 +85,7 @@ impl Workload {
     pub fn interfaces(self) -> &'static [Interface] {
         use Interface::*;
         match self {
-            Workload::KvZipf99 | Workload::KvZipf60 => {
-                &[Local, Paging, Objects, Offload, Regions]
-            }
+            Workload::KvZipf99 | Workload::KvZipf60 => &[Local, Paging, Objects, Offload, Regions],
             Workload::GraphBfs | Workload::GraphPagerank | Workload::Sort | Workload::Matmul => {
                 &[Local, Paging, Objects]
             }
@@ -101,13 +99,9 @@ impl Workload {
     pub fn peers(self) -> &'static [Interface] {
         use Interface::*;
         match self {
-            Workload::KvZipf99 | Workload::KvZipf60 => &[
-                Zram,
-                Redis,
-                RedisPipelined,
-                Memcached,
-                MemcachedPipelined,
-            ],
+            Workload::KvZipf99 | Workload::KvZipf60 => {
+                &[Zram, Redis, RedisPipelined, Memcached, MemcachedPipelined]
+            }
             _ => &[Zram],
         }
     }

@@ -15,7 +15,7 @@ use rand_distr::{Distribution, Zipf};
 use remora_client::Cluster;
 use remora_objects::{FarHashMap, ObjectCache};
 
-use super::{check, fold, mix, scaled, Outcome};
+use super::{check, fold, mix, scaled, Kind, Mem, Outcome};
 
 /// Bytes of a value.
 pub const VALUE_SIZE: usize = 32;
@@ -95,10 +95,9 @@ impl KvParams {
         let Some(v) = v else {
             bail!("result check failed: GET of loaded key {key:#x} found nothing");
         };
-        check(
-            v.key == key && *v == self.value(key, v.version),
-            || format!("GET of key {key:#x} returned a corrupt value {v:?}"),
-        )?;
+        check(v.key == key && *v == self.value(key, v.version), || {
+            format!("GET of key {key:#x} returned a corrupt value {v:?}")
+        })?;
         Ok(v.version)
     }
 }
@@ -132,12 +131,27 @@ pub trait Store {
     fn set(&mut self, key: u64, v: &Value) -> Result<()>;
     /// Reads a key.
     fn get(&mut self, key: u64) -> Result<Option<Value>>;
+    /// Bytes this store has moved, if it counts them itself.
+    fn bytes_moved(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Loads every key, then runs the operations, timing one in
 /// [`LAT_SAMPLE`]. `corrupt` damages a loaded value that a GET reads (the
 /// check must catch it).
 pub fn run_store(p: &KvParams, store: &mut dyn Store, corrupt: bool) -> Result<Outcome> {
+    run_store_in(p, store, corrupt, &Mem::plain())
+}
+
+/// [`run_store`] with the timed phase metered in `mem` (its budget
+/// applied, its bytes counted).
+pub fn run_store_in(
+    p: &KvParams,
+    store: &mut dyn Store,
+    corrupt: bool,
+    mem: &Mem,
+) -> Result<Outcome> {
     for rank in 0..p.keys {
         let key = p.key(rank);
         store.set(key, &p.value(key, 0))?;
@@ -153,7 +167,8 @@ pub fn run_store(p: &KvParams, store: &mut dyn Store, corrupt: bool) -> Result<O
     }
     let mut lat = Vec::with_capacity((ops.len() as u64 / LAT_SAMPLE + 1) as usize);
     let mut digest = 0u64;
-    let t = Instant::now();
+    let b0 = store.bytes_moved();
+    let m = mem.meter()?;
     for (i, op) in ops.iter().enumerate() {
         let t0 = (i as u64 % LAT_SAMPLE == 0).then(Instant::now);
         match *op {
@@ -168,17 +183,40 @@ pub fn run_store(p: &KvParams, store: &mut dyn Store, corrupt: bool) -> Result<O
             lat.push(t0.elapsed().as_secs_f64() * 1e6);
         }
     }
-    let secs = t.elapsed().as_secs_f64();
+    let (secs, mut bytes_moved) = m.stop()?;
+    if let (Some(a), Some(b)) = (b0, store.bytes_moved()) {
+        bytes_moved = Some(b - a);
+    }
     Ok(Outcome {
         secs,
         ops: p.ops,
         digest,
         lat_us: lat,
-        bytes_moved: None,
+        bytes_moved,
     })
 }
 
+/// Runs the workload with Zipf exponent `skew` in `mem`.
+pub fn run(mem: &Mem, skew: f64, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
+    let p = KvParams::new(skew, scale, seed);
+    match &mem.kind {
+        Kind::Plain => {
+            let mut s = PlainStore(HashMap::with_capacity(p.keys as usize));
+            run_store_in(&p, &mut s, corrupt, mem)
+        }
+        Kind::Objects { cache, offload, .. } => {
+            let mut s = ObjectStore::new(cache, &p, *offload)?;
+            run_store_in(&p, &mut s, corrupt, mem)
+        }
+        Kind::Regions(cluster) => {
+            let mut s = RegionStore::new(cluster, &p)?;
+            run_store_in(&p, &mut s, corrupt, mem)
+        }
+    }
+}
+
 /// std's `HashMap` (all-local, paging, zram).
+#[derive(Debug)]
 pub struct PlainStore(pub HashMap<u64, Value>);
 
 impl Store for PlainStore {
@@ -192,6 +230,7 @@ impl Store for PlainStore {
 }
 
 /// `FarHashMap`, GETs fetched into the cache or probed at the server.
+#[derive(Debug)]
 pub struct ObjectStore {
     map: FarHashMap<u64, Value>,
     offload: bool,
@@ -224,6 +263,7 @@ impl Store for ObjectStore {
 /// A table in a region, no local cache: open addressing over 64-byte
 /// slots (key, then value); a GET or SET reads one slot, or a few where
 /// keys collide, and a SET writes one.
+#[derive(Debug)]
 pub struct RegionStore {
     region: remora_client::Region,
     slots: u64,
@@ -281,6 +321,9 @@ impl Store for RegionStore {
             return Ok(None);
         }
         Ok(Some(bytemuck::pod_read_unaligned(&buf[8..8 + VALUE_SIZE])))
+    }
+    fn bytes_moved(&self) -> Option<u64> {
+        Some(self.bytes)
     }
 }
 

@@ -91,3 +91,180 @@ pub fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
     }
     Ok(())
 }
+
+/// Where a workload's data lives.
+#[derive(Debug)]
+pub enum Kind {
+    /// Ordinary heap memory: all-local, the zram peer, or, when the worker
+    /// started the far heap of `remora::FarAlloc`, transparent paging.
+    Plain,
+    /// Far objects in this cache; `offload` runs what can run at the
+    /// memory servers there.
+    Objects {
+        /// The object cache.
+        cache: remora_objects::ObjectCache,
+        /// The cluster (for data that offloaded traversals follow).
+        cluster: remora_client::Cluster,
+        /// Offload aggregates, filters, probes and pointer chases.
+        offload: bool,
+    },
+    /// The region API on this cluster, no local cache.
+    Regions(remora_client::Cluster),
+}
+
+/// A workload's memory, and the local memory its timed phase may use.
+///
+/// Data is loaded with local memory unbounded; [`Mem::meter`] shrinks the
+/// far heap's or the object cache's budget to the run's local memory (and
+/// waits until it holds) before the timed phase, and [`Meter::stop`]
+/// lifts it again for the check.
+#[derive(Debug)]
+pub struct Mem {
+    /// Where the data lives.
+    pub kind: Kind,
+    /// Local memory of the timed phase in bytes (None: unbounded).
+    pub budget: Option<u64>,
+}
+
+impl Mem {
+    /// Ordinary memory with no far heap involved (tests, all-local).
+    pub fn plain() -> Mem {
+        Mem {
+            kind: Kind::Plain,
+            budget: None,
+        }
+    }
+
+    /// Bytes moved over the network so far, where this process can tell:
+    /// pages fetched and written back by the far heap, or object bytes
+    /// fetched, written back, read around the cache and returned by
+    /// offloaded operations.
+    pub fn bytes_moved(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Plain => remora_paging::heap::far_heap().map(|h| {
+                let s = h.stats();
+                (s.pages_fetched + s.pages_written) * remora_paging::uffd::PAGE as u64
+            }),
+            Kind::Objects { cache, .. } => {
+                let s = cache.stats();
+                Some(s.fetched_bytes + s.written_bytes + s.uncached_bytes + s.offload_bytes)
+            }
+            Kind::Regions(_) => None,
+        }
+    }
+
+    /// Applies the run's budget, then starts timing.
+    pub fn meter(&self) -> Result<Meter<'_>> {
+        if let Some(b) = self.budget {
+            match &self.kind {
+                Kind::Plain => {
+                    if let Some(h) = remora_paging::heap::far_heap() {
+                        h.pager().set_budget(b);
+                        if !h
+                            .pager()
+                            .wait_within_budget(std::time::Duration::from_secs(120))
+                        {
+                            bail!("the far heap did not shrink to its budget of {b} bytes");
+                        }
+                    }
+                }
+                Kind::Objects { cache, .. } => {
+                    cache.set_budget(b)?;
+                    cache.evict_to(b)?;
+                }
+                Kind::Regions(_) => {}
+            }
+        }
+        Ok(Meter {
+            mem: self,
+            bytes: self.bytes_moved(),
+            start: Instant::now(),
+        })
+    }
+
+    /// The object cache's budget while data is loaded and checked.
+    pub const LOAD_BUDGET: u64 = 64 << 30;
+}
+
+/// A timed phase in progress.
+#[derive(Debug)]
+pub struct Meter<'a> {
+    mem: &'a Mem,
+    bytes: Option<u64>,
+    start: Instant,
+}
+
+impl Meter<'_> {
+    /// Ends the phase: its seconds and the bytes it moved. Local memory is
+    /// unbounded again afterwards.
+    pub fn stop(self) -> Result<(f64, Option<u64>)> {
+        let secs = self.start.elapsed().as_secs_f64();
+        let bytes = match (self.bytes, self.mem.bytes_moved()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        if self.mem.budget.is_some() {
+            match &self.mem.kind {
+                Kind::Plain => {
+                    if let Some(h) = remora_paging::heap::far_heap() {
+                        h.pager().set_budget(u64::MAX);
+                    }
+                }
+                Kind::Objects { cache, .. } => cache.set_budget(Mem::LOAD_BUDGET)?,
+                Kind::Regions(_) => {}
+            }
+        }
+        Ok((secs, bytes))
+    }
+}
+
+/// Rewrites every element of `v` in `range` in order with `f(index, &mut
+/// element)`, fetching chunks `ahead` chunks in front of the cursor.
+pub fn far_update<T: remora_objects::Pod>(
+    v: &mut remora_objects::FarVec<T>,
+    range: std::ops::Range<usize>,
+    ahead: usize,
+    mut f: impl FnMut(usize, &mut T),
+) -> Result<()> {
+    let chunk = v.chunk_elems();
+    let mut i = range.start;
+    while i < range.end {
+        let end = ((i / chunk + 1) * chunk).min(range.end);
+        v.prefetch(end..(end + ahead * chunk).min(range.end));
+        let mut s = remora_objects::Scope::new();
+        for j in i..end {
+            let mut r = v.get_mut(j, &mut s)?;
+            f(j, &mut *r);
+        }
+        i = end;
+    }
+    Ok(())
+}
+
+/// A far vector of `n` elements made by `f(index)`.
+pub fn far_vec<T: remora_objects::Pod>(
+    cache: &remora_objects::ObjectCache,
+    n: usize,
+    mut f: impl FnMut(usize) -> T,
+) -> Result<remora_objects::FarVec<T>> {
+    let mut v = remora_objects::FarVec::new(cache)?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut i = 0;
+    while i < n {
+        buf.clear();
+        buf.extend((i..(i + 4096).min(n)).map(&mut f));
+        v.extend_from_slice(&buf)?;
+        i += buf.len();
+    }
+    Ok(v)
+}
+
+/// Percentiles p50, p99 and p99.9 of `lat`.
+pub fn percentiles(lat: &mut [f64]) -> Option<(f64, f64, f64)> {
+    if lat.is_empty() {
+        return None;
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    Some((at(0.5), at(0.99), at(0.999)))
+}
