@@ -14,6 +14,7 @@ macro_rules! outln {
     };
 }
 
+mod bench_cmd;
 mod embedded;
 mod region_cmd;
 mod run_cmd;
@@ -59,9 +60,9 @@ enum Cmd {
     /// Manage and access regions.
     #[command(subcommand)]
     Region(region_cmd::RegionCmd),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCmd),
+    /// The benchmark suite (no subcommand; see `remora bench --help`), or
+    /// one of the focused benchmarks.
+    Bench(BenchArgs),
     /// Run an unmodified program with its heap in far memory.
     Run(run_cmd::RunArgs),
 }
@@ -222,8 +223,29 @@ impl ClientArgs {
     }
 }
 
+/// `remora bench`: with no subcommand, the standard suite on an embedded
+/// cluster; it leaves results (JSON, CSV), plots and an HTML report in
+/// `--out`.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    cmd: Option<BenchCmd>,
+    #[command(flatten)]
+    suite: bench_cmd::SuiteArgs,
+}
+
 #[derive(Subcommand, Debug)]
 enum BenchCmd {
+    /// Render the suite's report again from a results file.
+    Report {
+        /// A results.json written by `remora bench`.
+        #[arg(long)]
+        from: std::path::PathBuf,
+        /// Where the report goes.
+        #[arg(long, default_value = "remora-bench-report")]
+        out: std::path::PathBuf,
+    },
     /// Region read/write latency and throughput against raw loopback TCP, in one run.
     Micro(MicroArgs),
     /// Costs of each slab size (allocation, map size, streaming, fragmentation).
@@ -357,43 +379,50 @@ fn run(cmd: Cmd) -> Result<()> {
         Cmd::Controller(a) => controller(a),
         Cmd::Status(a) => status(a),
         Cmd::Region(c) => region_cmd::run(c),
-        Cmd::Bench(BenchCmd::Micro(a)) => micro(a),
-        Cmd::Bench(BenchCmd::Slabs { sizes }) => slabs(sizes),
-        Cmd::Bench(BenchCmd::Paging {
-            size,
-            random_reads,
-            ratios,
-            no_zram,
-        }) => paging_bench(size, random_reads, ratios, no_zram),
-        Cmd::Bench(BenchCmd::Objects {
-            keys,
-            gets,
-            sum_size,
-            gather_size,
-            gathers,
-        }) => objects_bench(remora_bench::objects::ObjectsOptions {
-            keys,
-            gets,
-            sum_bytes: sum_size,
-            gather_bytes: gather_size,
-            gathers,
-            ..Default::default()
-        }),
-        Cmd::Bench(BenchCmd::ZramWorker { size, reads }) => {
-            remora_bench::paging::zram_worker(size, reads)
-        }
-        Cmd::Bench(BenchCmd::Redundancy {
-            region,
-            ops,
-            io,
-            rebuild_rate,
-        }) => redundancy(region, ops, io, rebuild_rate),
-        Cmd::Bench(BenchCmd::RawServer { inject_latency }) => {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding the raw server")?;
-            announce("raw-server", &l.local_addr()?.to_string());
-            remora_bench::micro::serve_raw(l, inject_latency.unwrap_or_default());
-            Ok(())
-        }
+        Cmd::Bench(b) => match b.cmd {
+            None => bench_cmd::suite(b.suite),
+            Some(c) => match c {
+                BenchCmd::Report { from, out } => bench_cmd::rerender(from, out),
+                BenchCmd::Micro(a) => micro(a),
+                BenchCmd::Slabs { sizes } => slabs(sizes),
+                BenchCmd::Paging {
+                    size,
+                    random_reads,
+                    ratios,
+                    no_zram,
+                } => paging_bench(size, random_reads, ratios, no_zram),
+                BenchCmd::Objects {
+                    keys,
+                    gets,
+                    sum_size,
+                    gather_size,
+                    gathers,
+                } => objects_bench(remora_bench::objects::ObjectsOptions {
+                    keys,
+                    gets,
+                    sum_bytes: sum_size,
+                    gather_bytes: gather_size,
+                    gathers,
+                    ..Default::default()
+                }),
+                BenchCmd::ZramWorker { size, reads } => {
+                    remora_bench::paging::zram_worker(size, reads)
+                }
+                BenchCmd::Redundancy {
+                    region,
+                    ops,
+                    io,
+                    rebuild_rate,
+                } => redundancy(region, ops, io, rebuild_rate),
+                BenchCmd::RawServer { inject_latency } => {
+                    let l = std::net::TcpListener::bind("127.0.0.1:0")
+                        .context("binding the raw server")?;
+                    announce("raw-server", &l.local_addr()?.to_string());
+                    remora_bench::micro::serve_raw(l, inject_latency.unwrap_or_default());
+                    Ok(())
+                }
+            },
+        },
     }
 }
 
