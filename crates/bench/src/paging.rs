@@ -10,9 +10,9 @@
 //! * the random scan in a child process under a cgroup v1 memory limit with
 //!   swap on zram (set up and torn down here; needs root).
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,8 @@ use anyhow::{bail, Context, Result};
 use remora_client::Cluster;
 use remora_paging::uffd::{Event, Uffd, PAGE};
 use remora_paging::{Budget, PagedRegion, PagerConfig};
+
+use crate::suite::peers::ZramSwap;
 
 /// Settings of the paging benchmark.
 #[derive(Debug, Clone)]
@@ -436,22 +438,6 @@ pub fn run(
     Ok(())
 }
 
-fn write(path: &str, v: &str) -> Result<()> {
-    std::fs::write(path, v).with_context(|| format!("writing {v:?} to {path}"))
-}
-
-fn sh(cmd: &str, args: &[&str]) -> Result<()> {
-    let st = Command::new(cmd)
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .with_context(|| format!("running {cmd}"))?;
-    if !st.success() {
-        bail!("{cmd} {} failed", args.join(" "));
-    }
-    Ok(())
-}
-
 /// Sets up zram swap, runs the worker under each memory limit, tears down.
 fn zram_compare(
     size: u64,
@@ -459,68 +445,32 @@ fn zram_compare(
     worker: &[String],
     rand_local: f64,
 ) -> Result<Vec<(u32, f64)>> {
-    let cg_root = "/sys/fs/cgroup/memory";
-    if !std::path::Path::new(cg_root)
-        .join("memory.limit_in_bytes")
-        .exists()
-    {
-        bail!("no cgroup v1 memory controller at {cg_root}");
-    }
-    let id = std::fs::read_to_string("/sys/class/zram-control/hot_add")
-        .context("adding a zram device (needs root and the zram module)")?;
-    let id = id.trim().to_string();
-    let dev = format!("/dev/zram{id}");
-    let cg = format!("{cg_root}/remora-bench-{}", std::process::id());
-    let cleanup = |dev: &str, id: &str, cg: &str| {
-        let _ = Command::new("swapoff").arg(dev).status();
-        let _ = std::fs::write(format!("/sys/block/zram{id}/reset"), "1");
-        let _ = std::fs::write("/sys/class/zram-control/hot_remove", id);
-        let _ = std::fs::remove_dir(cg);
+    let Some((exe, args)) = worker.split_first() else {
+        bail!("no zram worker command");
     };
-    let result = (|| -> Result<Vec<(u32, f64)>> {
-        write(
-            &format!("/sys/block/zram{id}/disksize"),
-            &(size * 2).to_string(),
-        )?;
-        sh("mkswap", &[&dev])?;
-        sh("swapon", &["-p", "32767", &dev])?;
-        std::fs::create_dir(&cg).with_context(|| format!("creating {cg}"))?;
-        let mut rows = Vec::new();
-        for &ratio in &opts.ratios {
-            if !(25..100).contains(&ratio) {
-                // 100%: no limit to test; below 25% zram takes many minutes.
-                continue;
-            }
-            let limit = size * ratio as u64 / 100 + (16 << 20);
-            write(&format!("{cg}/memory.limit_in_bytes"), &limit.to_string())?;
-            let mut child = Command::new(&worker[0])
-                .args(&worker[1..])
-                .arg(size.to_string())
-                .arg(opts.random_reads.to_string())
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("starting the zram worker")?;
-            write(&format!("{cg}/cgroup.procs"), &child.id().to_string())?;
-            child
-                .stdin
-                .take()
-                .context("worker stdin")?
-                .write_all(b"go\n")?;
-            let mut line = String::new();
-            std::io::BufReader::new(child.stdout.take().context("worker stdout")?)
-                .read_line(&mut line)?;
-            let _ = child.wait();
-            let secs: f64 = line
-                .trim()
-                .parse()
-                .with_context(|| format!("zram worker said {line:?}"))?;
-            rows.push((ratio, secs / rand_local));
+    let zram = ZramSwap::setup(size * 2)?;
+    let mut rows = Vec::new();
+    for &ratio in &opts.ratios {
+        if !(25..100).contains(&ratio) {
+            // 100%: no limit to test; below 25% zram takes many minutes.
+            continue;
         }
-        Ok(rows)
-    })();
-    cleanup(&dev, &id, &cg);
-    result
+        let limit = size * ratio as u64 / 100 + (16 << 20);
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .arg(size.to_string())
+            .arg(opts.random_reads.to_string());
+        let out = zram
+            .run_limited(limit, cmd)
+            .context("running the zram worker")?;
+        let line = out.lines().next().unwrap_or_default();
+        let secs: f64 = line
+            .trim()
+            .parse()
+            .with_context(|| format!("zram worker said {line:?}"))?;
+        rows.push((ratio, secs / rand_local));
+    }
+    Ok(rows)
 }
 
 /// The zram worker: waits for "go" (so it is in the cgroup before it
