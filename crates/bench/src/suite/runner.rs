@@ -262,6 +262,8 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
         None
     };
 
+    let admin = remora_client::Cluster::connect(&target.controller, &target.token)
+        .with_context(|| format!("connecting to {}", target.controller))?;
     let mut records: Vec<RunRecord> = Vec::with_capacity(plan.len());
     let mut local_secs: HashMap<Workload, Vec<f64>> = HashMap::new();
     let mut local_digest: HashMap<Workload, String> = HashMap::new();
@@ -275,6 +277,12 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
         } else {
             run_one(opts, target, spec, zram.as_ref())
         };
+        // The cluster is the suite's own: whatever a run allocated (its far
+        // heap, its cache's regions) goes back before the next, even if the
+        // worker died without freeing it.
+        if let Err(e) = free_all(&admin) {
+            say(format!("warning: freeing the last run's regions: {e:#}"));
+        }
         match result {
             Ok(r) => {
                 rec.footprint = r.footprint;
@@ -358,6 +366,14 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
         notes,
         failures,
     })
+}
+
+/// Frees every region of the tenant.
+fn free_all(c: &remora_client::Cluster) -> Result<()> {
+    for r in c.list_regions()? {
+        c.free_region(r.id)?;
+    }
+    Ok(())
 }
 
 /// A run that could not be made here (not a failure of Remora).

@@ -109,6 +109,11 @@ pub fn run_workload(
     }
 }
 
+/// Local memory a paging run gets beyond its share of the footprint: the
+/// program's heap holds more than the workload's data (buffers, the
+/// runtime's small allocations), and at 100% the data should fit.
+pub const PAGING_SLACK: u64 = 4 << 20;
+
 /// Far heap size of a paging run: room for the data and what making it
 /// takes (edge lists, copies), reserved on the servers, touched as used.
 pub fn paging_heap_size(footprint: u64) -> u64 {
@@ -173,7 +178,7 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
             remora_paging::FarAlloc::start(&opts).context("starting the far heap")?;
             Mem {
                 kind: Kind::Plain,
-                budget: Some(budget),
+                budget: Some(budget + PAGING_SLACK),
             }
         }
         Interface::Objects | Interface::Offload => {
@@ -214,6 +219,10 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
 
 /// The worker's `main`: parses flags, runs, prints the report.
 pub fn main() -> std::process::ExitCode {
+    // A worker outlives nothing: if `remora bench` dies, so does the run.
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no
+    // memory of ours.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let a = WorkerArgs::parse();
     match run(&a) {
         Ok(r) => match serde_json::to_string(&r) {

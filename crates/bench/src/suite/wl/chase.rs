@@ -46,20 +46,32 @@ fn payload(seed: u64, i: u64) -> u64 {
     mix(seed ^ i.wrapping_mul(0x9e37))
 }
 
-/// The list's links (`next[i]`), its first node, and the node the walk
-/// must end on.
-fn links(n: u64, h: u64, seed: u64) -> (Vec<u64>, u64, u64) {
-    let mut order: Vec<u64> = (0..n).collect();
+/// The list: one random cycle through all nodes (Sattolo's algorithm, in
+/// place, so that making it needs no memory beyond the list), its first
+/// node, and the node the walk must end on.
+fn make_list(n: u64, h: u64, seed: u64, corrupt: bool) -> (Vec<Node>, u64, u64) {
+    let mut list: Vec<Node> = (0..n)
+        .map(|i| Node {
+            next: i,
+            payload: payload(seed, i),
+        })
+        .collect();
     let mut rng = Rng::new(seed, 0xc4a5e);
     for i in (1..n as usize).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        order.swap(i, j);
+        let j = rng.below(i as u64) as usize;
+        let t = list[i].next;
+        list[i].next = list[j].next;
+        list[j].next = t;
     }
-    let mut next = vec![0u64; n as usize];
-    for k in 0..n as usize {
-        next[order[k] as usize] = order[(k + 1) % n as usize];
+    let mut last = 0;
+    for _ in 0..h {
+        last = list[last as usize].next;
     }
-    (next, order[0], order[(h % n) as usize])
+    if corrupt {
+        let second = list[0].next as usize;
+        list[second].payload ^= 1;
+    }
+    (list, 0, last)
 }
 
 struct Walk {
@@ -86,12 +98,7 @@ impl Walk {
 /// node of the walk.
 pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
     let (n, h) = (nodes(scale), hops(scale));
-    let (next, first, last) = links(n, h, seed);
-    let damaged = next[first as usize];
-    let node = |i: u64| Node {
-        next: next[i as usize],
-        payload: payload(seed, i) ^ if corrupt && i == damaged { 1 } else { 0 },
-    };
+    let (list, first, last) = make_list(n, h, seed, corrupt);
     let mut w = Walk {
         seed,
         digest: 0,
@@ -100,8 +107,6 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
     let mut cur = first;
     let (secs, bytes) = match &mem.kind {
         Kind::Plain => {
-            let list: Vec<Node> = (0..n).map(node).collect();
-            drop(next);
             let m = mem.meter()?;
             for k in 0..h {
                 let t0 = (k % LAT_SAMPLE == 0).then(Instant::now);
@@ -119,8 +124,9 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
             offload: false,
             ..
         } => {
-            let list = super::far_vec(cache, n as usize, |i| node(i as u64))?;
-            drop(next);
+            let local = list;
+            let list = super::far_vec(cache, n as usize, |i| local[i])?;
+            drop(local);
             let m = mem.meter()?;
             for k in 0..h {
                 let t0 = (k % LAT_SAMPLE == 0).then(Instant::now);
@@ -144,11 +150,11 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
                 .alloc_region(n * 16)
                 .context("allocating the list region")?;
             load_region(&region, n, |i| {
-                let mut nd = node(i);
+                let mut nd = list[i as usize];
                 nd.next *= 16;
                 nd
             })?;
-            drop(next);
+            drop(list);
             let t = Instant::now();
             let mut bytes = 0u64;
             let mut at = first * 16;
@@ -194,8 +200,8 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
             let region = cluster
                 .alloc_region(n * 16)
                 .context("allocating the list region")?;
-            load_region(&region, n, node)?;
-            drop(next);
+            load_region(&region, n, |i| list[i as usize])?;
+            drop(list);
             let t = Instant::now();
             for k in 0..h {
                 let t0 = (k % LAT_SAMPLE == 0).then(Instant::now);

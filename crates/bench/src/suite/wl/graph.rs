@@ -48,12 +48,12 @@ pub struct Csr {
     pub targets: Vec<u32>,
 }
 
-/// Generates the R-MAT graph of `scale` from `seed` (self-loops dropped).
-pub fn generate(scale: f64, seed: u64) -> Csr {
+/// The R-MAT edges of `scale` and `seed`, made again on each call (so that
+/// building the graph needs no edge list), self-loops dropped.
+fn edges(scale: f64, seed: u64, mut f: impl FnMut(u32, u32)) {
     let k = log_vertices(scale);
-    let (n, m) = size(scale);
+    let (_, m) = size(scale);
     let mut rng = Rng::new(seed, 0x67a9);
-    let mut edges = Vec::with_capacity(m as usize);
     for _ in 0..m {
         let (mut u, mut v) = (0u32, 0u32);
         for _ in 0..k {
@@ -71,27 +71,42 @@ pub fn generate(scale: f64, seed: u64) -> Csr {
             v = v << 1 | dv;
         }
         if u != v {
-            edges.push((u, v));
+            f(u, v);
         }
     }
-    let mut deg = vec![0u64; n as usize + 1];
-    for &(u, v) in &edges {
-        deg[u as usize] += 1;
-        deg[v as usize] += 1;
+}
+
+/// Generates the graph of `scale` from `seed`. Two passes over the
+/// edges (count, then place), so that the only memory it takes is the
+/// graph's own.
+pub fn generate(scale: f64, seed: u64) -> Csr {
+    let (n, _) = size(scale);
+    let n = n as usize;
+    // ends[u + 1] counts u's arcs, then becomes the end of u's row.
+    let mut ends = vec![0u64; n + 1];
+    edges(scale, seed, |u, v| {
+        ends[u as usize + 1] += 1;
+        ends[v as usize + 1] += 1;
+    });
+    for i in 0..n {
+        ends[i + 1] += ends[i];
     }
-    let mut offsets = vec![0u64; n as usize + 1];
-    for i in 0..n as usize {
-        offsets[i + 1] = offsets[i] + deg[i];
+    let total = ends[n];
+    let mut targets = vec![0u32; total as usize];
+    // Place each arc just below its row's end, moving the end down: at the
+    // end, ends[u + 1] is the start of u's row.
+    edges(scale, seed, |u, v| {
+        ends[u as usize + 1] -= 1;
+        targets[ends[u as usize + 1] as usize] = v;
+        ends[v as usize + 1] -= 1;
+        targets[ends[v as usize + 1] as usize] = u;
+    });
+    ends.rotate_left(1);
+    ends[n] = total;
+    Csr {
+        offsets: ends,
+        targets,
     }
-    let mut fill = offsets.clone();
-    let mut targets = vec![0u32; offsets[n as usize] as usize];
-    for &(u, v) in &edges {
-        targets[fill[u as usize] as usize] = v;
-        fill[u as usize] += 1;
-        targets[fill[v as usize] as usize] = u;
-        fill[v as usize] += 1;
-    }
-    Csr { offsets, targets }
 }
 
 /// Graph500's check of BFS depths.

@@ -50,10 +50,12 @@ impl KvParams {
         }
     }
 
-    /// Bytes of the store's data: a key and a value per entry, in a table
-    /// at 7/8 load.
+    /// Bytes of the store's data as the all-local store holds it: std's
+    /// `HashMap` sized for the keys (a power-of-two table at most 7/8
+    /// full, an entry and a control byte per bucket).
     pub fn footprint(&self) -> u64 {
-        self.keys * (8 + VALUE_SIZE as u64) * 8 / 7
+        let buckets = (self.keys * 8 / 7).next_power_of_two();
+        buckets * (8 + VALUE_SIZE as u64 + 1)
     }
 
     /// The key of popularity rank `rank` (0 is the hottest). Ranks are
@@ -131,6 +133,14 @@ pub trait Store {
     fn set(&mut self, key: u64, v: &Value) -> Result<()>;
     /// Reads a key.
     fn get(&mut self, key: u64) -> Result<Option<Value>>;
+    /// Loads `entries` (keys not yet in the store), by default one SET
+    /// each.
+    fn load(&mut self, entries: &mut dyn Iterator<Item = (u64, Value)>) -> Result<()> {
+        for (k, v) in entries {
+            self.set(k, &v)?;
+        }
+        Ok(())
+    }
     /// Bytes this store has moved, if it counts them itself.
     fn bytes_moved(&self) -> Option<u64> {
         None
@@ -152,11 +162,13 @@ pub fn run_store_in(
     corrupt: bool,
     mem: &Mem,
 ) -> Result<Outcome> {
-    for rank in 0..p.keys {
+    store.load(&mut (0..p.keys).map(|rank| {
         let key = p.key(rank);
-        store.set(key, &p.value(key, 0))?;
-    }
-    let ops = p.ops();
+        (key, p.value(key, 0))
+    }))?;
+    // The request stream is the workload's input, not its data: it stays
+    // in local memory in every interface (outside the far heap).
+    let ops = remora_paging::heap::as_internal(|| p.ops());
     if corrupt {
         // Damage the key the first GET reads (no SET reaches it before).
         if let Some(Op::Get(key)) = ops.iter().find(|o| matches!(o, Op::Get(_))) {
@@ -324,6 +336,28 @@ impl Store for RegionStore {
     }
     fn bytes_moved(&self) -> Option<u64> {
         Some(self.bytes)
+    }
+
+    /// Builds the table locally and writes it in 1 MiB pieces.
+    fn load(&mut self, entries: &mut dyn Iterator<Item = (u64, Value)>) -> Result<()> {
+        let mut table = vec![0u8; (self.slots * SLOT) as usize];
+        for (key, v) in entries {
+            let mut s = mix(key) & (self.slots - 1);
+            loop {
+                let at = (s * SLOT) as usize;
+                let k = u64::from_le_bytes(table[at..at + 8].try_into().expect("8 bytes"));
+                if k == 0 || k == key {
+                    table[at..at + 8].copy_from_slice(&key.to_le_bytes());
+                    table[at + 8..at + 8 + VALUE_SIZE].copy_from_slice(bytemuck::bytes_of(&v));
+                    break;
+                }
+                s = (s + 1) & (self.slots - 1);
+            }
+        }
+        for (i, piece) in table.chunks(1 << 20).enumerate() {
+            self.region.write((i << 20) as u64, piece)?;
+        }
+        Ok(())
     }
 }
 
