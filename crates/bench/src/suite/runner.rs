@@ -108,7 +108,10 @@ impl SuiteOptions {
                     continue;
                 }
                 if i == Interface::Zram
-                    && !self.zram_workloads.as_ref().is_none_or(|ws| ws.contains(&w))
+                    && !self
+                        .zram_workloads
+                        .as_ref()
+                        .is_none_or(|ws| ws.contains(&w))
                 {
                     continue;
                 }
@@ -175,7 +178,12 @@ impl RunSpec {
                 self.repeat + 1
             )
         } else {
-            format!("{} via {} (#{})", self.workload, self.interface, self.repeat + 1)
+            format!(
+                "{} via {} (#{})",
+                self.workload,
+                self.interface,
+                self.repeat + 1
+            )
         }
     }
 }
@@ -302,8 +310,10 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
                         .entry(spec.workload)
                         .or_insert_with(|| rec.digest.clone());
                     if *d != rec.digest {
-                        rec.status =
-                            format!("error: all-local runs disagree (digest {} vs {d})", rec.digest);
+                        rec.status = format!(
+                            "error: all-local runs disagree (digest {} vs {d})",
+                            rec.digest
+                        );
                     }
                 } else if let Some(d) = local_digest.get(&spec.workload) {
                     if *d != rec.digest {
@@ -327,7 +337,10 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
                 }
             }
         }
-        if let Some(l) = local_secs.get(&spec.workload).and_then(|v| median(&mut v.clone())) {
+        if let Some(l) = local_secs
+            .get(&spec.workload)
+            .and_then(|v| median(&mut v.clone()))
+        {
             if rec.ok() && l > 0.0 {
                 rec.slowdown = Some(rec.secs / l);
             }

@@ -109,7 +109,7 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
         Kind::Plain => {
             let m = mem.meter()?;
             for k in 0..h {
-                let t0 = (k % LAT_SAMPLE == 0).then(Instant::now);
+                let t0 = k.is_multiple_of(LAT_SAMPLE).then(Instant::now);
                 let nd = list[cur as usize];
                 w.visit(cur, &nd)?;
                 cur = nd.next;
@@ -129,7 +129,7 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
             drop(local);
             let m = mem.meter()?;
             for k in 0..h {
-                let t0 = (k % LAT_SAMPLE == 0).then(Instant::now);
+                let t0 = k.is_multiple_of(LAT_SAMPLE).then(Instant::now);
                 let nd = list.read(cur as usize)?;
                 w.visit(cur, &nd)?;
                 cur = nd.next;
@@ -187,7 +187,7 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
                 // waited for the whole request.
                 let per = t0.elapsed().as_secs_f64() * 1e6;
                 for j in k..k + got {
-                    if j % LAT_SAMPLE == 0 {
+                    if j.is_multiple_of(LAT_SAMPLE) {
                         w.lat.push(per);
                     }
                 }
@@ -204,7 +204,7 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
             drop(list);
             let t = Instant::now();
             for k in 0..h {
-                let t0 = (k % LAT_SAMPLE == 0).then(Instant::now);
+                let t0 = k.is_multiple_of(LAT_SAMPLE).then(Instant::now);
                 let mut b = [0u8; 16];
                 region.read(cur * 16, &mut b)?;
                 let nd: Node = bytemuck::pod_read_unaligned(&b);

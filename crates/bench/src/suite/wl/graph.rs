@@ -239,22 +239,22 @@ fn pagerank_plain(g: &Csr) -> Vec<f64> {
     let mut contrib = vec![0.0f64; n];
     for _ in 0..PR_ITERS {
         let mut dangling = 0.0;
-        for v in 0..n {
+        for (v, (r, c)) in rank.iter().zip(contrib.iter_mut()).enumerate() {
             let d = g.offsets[v + 1] - g.offsets[v];
             if d == 0 {
-                dangling += rank[v];
-                contrib[v] = 0.0;
+                dangling += r;
+                *c = 0.0;
             } else {
-                contrib[v] = rank[v] / d as f64;
+                *c = r / d as f64;
             }
         }
         let base = (1.0 - DAMPING) / n as f64 + DAMPING * dangling / n as f64;
-        for v in 0..n {
+        for (v, r) in rank.iter_mut().enumerate() {
             let mut s = 0.0;
             for &u in &g.targets[g.offsets[v] as usize..g.offsets[v + 1] as usize] {
                 s += contrib[u as usize];
             }
-            rank[v] = base + DAMPING * s;
+            *r = base + DAMPING * s;
         }
     }
     rank
@@ -290,12 +290,16 @@ impl FarCsr {
                 next.push(v?);
             }
             for &v in &next {
-                let mut sc = Scope::new();
-                let mut d = dist.get_mut(v as usize, &mut sc)?;
-                if *d == UNREACHED {
-                    *d = du + 1;
-                    drop(d);
-                    drop(sc);
+                let fresh = {
+                    let mut sc = Scope::new();
+                    let mut d = dist.get_mut(v as usize, &mut sc)?;
+                    let fresh = *d == UNREACHED;
+                    if fresh {
+                        *d = du + 1;
+                    }
+                    fresh
+                };
+                if fresh {
                     queue.push(v)?;
                 }
             }

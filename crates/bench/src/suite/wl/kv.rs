@@ -182,7 +182,7 @@ pub fn run_store_in(
     let b0 = store.bytes_moved();
     let m = mem.meter()?;
     for (i, op) in ops.iter().enumerate() {
-        let t0 = (i as u64 % LAT_SAMPLE == 0).then(Instant::now);
+        let t0 = (i as u64).is_multiple_of(LAT_SAMPLE).then(Instant::now);
         match *op {
             Op::Get(key) => {
                 let v = store.get(key)?;

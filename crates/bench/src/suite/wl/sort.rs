@@ -65,7 +65,7 @@ impl Checker {
     fn see(&mut self, k: u64) {
         self.sorted &= k >= self.prev;
         self.prev = k;
-        if self.fp.0 % 4096 == 0 {
+        if self.fp.0.is_multiple_of(4096) {
             self.digest = fold(self.digest, k);
         }
         self.fp.add(k);
