@@ -16,7 +16,7 @@ use crate::embedded::{Embedded, EmbeddedConfig};
 #[derive(Args, Debug, Default)]
 pub struct SuiteArgs {
     /// The quick suite (a few minutes): every workload and interface at
-    /// 100% and 25% local memory, a sixteenth of the size, once, with the
+    /// 100% and 25% local memory, a quarter of the size, once, with the
     /// key-value peers and zram for the key-value store.
     #[arg(long)]
     quick: bool,
@@ -33,7 +33,7 @@ pub struct SuiteArgs {
     /// Repeats of each point; the median is reported (default 3).
     #[arg(long)]
     repeat: Option<u32>,
-    /// Size factor of every workload (default 1; --quick: 1/16).
+    /// Size factor of every workload (default 1; --quick: 0.25).
     #[arg(long)]
     scale: Option<f64>,
     /// Seed of every workload's data and operations.

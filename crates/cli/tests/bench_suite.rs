@@ -14,14 +14,21 @@ fn worker_exe() -> &'static str {
     env!("CARGO_BIN_EXE_remora-bench-worker")
 }
 
+/// Runs one worker against the cluster, then frees what it left allocated
+/// (as `remora bench` does between runs).
 fn worker(tc: &TestCluster, w: Workload, i: Interface, extra: &[&str]) -> Output {
-    Command::new(worker_exe())
+    let out = Command::new(worker_exe())
         .args(["--workload", w.name(), "--interface", i.name()])
         .args(["--scale", "0.01", "--ratio", "25", "--seed", "11"])
         .args(["--controller", &tc.controller_addr, "--token", TOKEN])
         .args(extra)
         .output()
-        .expect("run the worker")
+        .expect("run the worker");
+    let c = tc.client();
+    for r in c.list_regions().unwrap() {
+        c.free_region(r.id).unwrap();
+    }
+    out
 }
 
 fn digest(out: &Output) -> u64 {
@@ -58,7 +65,10 @@ fn every_workload_checks_its_result_through_every_interface() {
             assert!(ok.status.success(), "{w} via {i}: {}", stderr(&ok));
             assert_eq!(digest(&ok), want, "{w} via {i} computed another answer");
             let bad = worker(&tc, w, i, &["--corrupt"]);
-            assert!(!bad.status.success(), "{w} via {i}: a damaged result passed");
+            assert!(
+                !bad.status.success(),
+                "{w} via {i}: a damaged result passed"
+            );
             let e = stderr(&bad);
             assert!(e.contains("result check failed"), "{w} via {i}: {e}");
             assert!(!e.contains("panicked"), "{w} via {i}: {e}");
@@ -71,17 +81,31 @@ fn the_worker_refuses_bad_arguments_clearly() {
     let tc = cluster();
     let out = worker(&tc, Workload::Matmul, Interface::Regions, &[]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("does not run through regions"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not run through regions"),
+        "{}",
+        stderr(&out)
+    );
     for args in [
         &["--workload", "nope", "--interface", "local"][..],
         &["--workload", "sort", "--interface", "local", "--ratio", "0"],
-        &["--workload", "sort", "--interface", "local", "--scale", "-1"],
+        &[
+            "--workload",
+            "sort",
+            "--interface",
+            "local",
+            "--scale",
+            "-1",
+        ],
         &["--workload", "sort", "--interface", "objects"],
     ] {
         let out = Command::new(worker_exe()).args(args).output().unwrap();
         let e = stderr(&out);
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(!e.trim().is_empty() && !e.contains("panicked"), "{args:?}: {e}");
+        assert!(
+            !e.trim().is_empty() && !e.contains("panicked"),
+            "{args:?}: {e}"
+        );
     }
 }
 
@@ -128,7 +152,12 @@ fn quick_suite_runs_end_to_end_and_the_report_shows_its_plots() {
             }
         }
     }
-    let peers = ["redis", "redis-pipelined", "memcached", "memcached-pipelined"];
+    let peers = [
+        "redis",
+        "redis-pipelined",
+        "memcached",
+        "memcached-pipelined",
+    ];
     for p in peers {
         let rec = recs
             .iter()
@@ -137,21 +166,32 @@ fn quick_suite_runs_end_to_end_and_the_report_shows_its_plots() {
         if require("REMORA_REQUIRE_PEERS") {
             assert!(rec.ok(), "{p}: {}", rec.status);
         } else {
-            assert!(rec.ok() || rec.status.starts_with("skipped"), "{p}: {}", rec.status);
+            assert!(
+                rec.ok() || rec.status.starts_with("skipped"),
+                "{p}: {}",
+                rec.status
+            );
         }
     }
     let zram = recs
         .iter()
         .find(|x| x.interface == "zram")
         .expect("a zram record");
-    assert!(zram.ok() || zram.status.starts_with("skipped"), "{}", zram.status);
+    assert!(
+        zram.ok() || zram.status.starts_with("skipped"),
+        "{}",
+        zram.status
+    );
     assert!(out_dir.join("results.csv").is_file());
     let html_path = out_dir.join("index.html");
     let html = std::fs::read_to_string(&html_path).unwrap();
     for w in Workload::ALL {
         assert!(html.contains(w.name()), "the report does not mention {w}");
     }
-    assert!(html.matches("<svg").count() >= Workload::ALL.len(), "too few plots");
+    assert!(
+        html.matches("<svg").count() >= Workload::ALL.len(),
+        "too few plots"
+    );
     screenshot_check(&html_path, dir.path());
 }
 
@@ -167,13 +207,17 @@ fn screenshot_check(html: &Path, dir: &Path) {
     let png: PathBuf = dir.join("report.png");
     report::screenshot(html, &png).unwrap();
     let n = report::plot_pixel_count(&png).unwrap();
-    assert!(n > 5000, "the screenshot shows only {n} pixels of plot colours");
+    assert!(
+        n > 5000,
+        "the screenshot shows only {n} pixels of plot colours"
+    );
 }
 
 #[test]
 fn bench_report_renders_from_a_results_file() {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/tests/data/results-small.json");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/tests/data/results-small.json");
     let out = Command::new(common::exe())
         .args(["bench", "report", "--from"])
         .arg(&fixture)

@@ -54,6 +54,10 @@ pub struct WorkerArgs {
     /// Wait for a line on stdin before allocating anything.
     #[arg(long)]
     pub wait_go: bool,
+    /// Memory limit (bytes) the worker puts on its own cgroup v1 memory
+    /// controller for the timed phase (the zram peer).
+    #[arg(long)]
+    pub memory_limit: Option<u64>,
 }
 
 /// What a worker prints.
@@ -109,10 +113,15 @@ pub fn run_workload(
     }
 }
 
-/// Local memory a paging run gets beyond its share of the footprint: the
-/// program's heap holds more than the workload's data (buffers, the
-/// runtime's small allocations), and at 100% the data should fit.
-pub const PAGING_SLACK: u64 = 4 << 20;
+/// Local memory a run gets beyond its share of the footprint, under
+/// paging and zram: the process holds more than the workload's data (its
+/// binary, buffers, the runtime's small allocations) and the pager keeps a
+/// reserve of free pages below its budget (a sixteenth, up to 8 MiB). An
+/// eighth of the footprint, at most 16 MiB, plus 1 MiB, so that at 100%
+/// the data fits and small footprints are not swamped.
+pub fn slack(footprint: u64) -> u64 {
+    (footprint / 8).min(16 << 20) + (1 << 20)
+}
 
 /// Far heap size of a paging run: room for the data and what making it
 /// takes (edge lists, copies), reserved on the servers, touched as used.
@@ -158,8 +167,15 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
         };
         remora_client::Cluster::connect(c, t).with_context(|| format!("connecting to {c}"))
     };
+    if a.memory_limit.is_some() && a.interface != Interface::Zram {
+        bail!("--memory-limit is for --interface zram");
+    }
     let mem = match a.interface {
-        Interface::Local | Interface::Zram => Mem::plain(),
+        Interface::Local => Mem::plain(),
+        Interface::Zram => Mem {
+            cgroup_limit: a.memory_limit,
+            ..Mem::plain()
+        },
         Interface::Paging => {
             let (Some(c), Some(t)) = (&a.controller, &a.token) else {
                 bail!("--interface paging needs --controller and --token");
@@ -178,7 +194,8 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
             remora_paging::FarAlloc::start(&opts).context("starting the far heap")?;
             Mem {
                 kind: Kind::Plain,
-                budget: Some(budget + PAGING_SLACK),
+                budget: Some(budget + slack(fp)),
+                cgroup_limit: None,
             }
         }
         Interface::Objects | Interface::Offload => {
@@ -197,11 +214,13 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
                     offload: a.interface == Interface::Offload,
                 },
                 budget: Some(budget.max(1 << 20)),
+                cgroup_limit: None,
             }
         }
         Interface::Regions => Mem {
             kind: Kind::Regions(cluster()?),
             budget: None,
+            cgroup_limit: None,
         },
         other => bail!("{other} is a peer, not something a worker runs"),
     };

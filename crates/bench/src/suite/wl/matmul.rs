@@ -94,7 +94,6 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
                     }
                 }
             }
-            cv.flush()?;
             let (s, by) = m.stop()?;
             (s, by, cv.iter().collect::<Result<Vec<_>, _>>()?)
         }

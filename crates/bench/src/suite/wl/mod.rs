@@ -17,7 +17,7 @@ pub mod stream;
 
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// What a workload measured.
 #[derive(Debug, Clone, Default)]
@@ -124,6 +124,10 @@ pub struct Mem {
     pub kind: Kind,
     /// Local memory of the timed phase in bytes (None: unbounded).
     pub budget: Option<u64>,
+    /// A cgroup v1 memory limit this process puts on itself for the timed
+    /// phase (the zram peer: data is made with memory to spare, as in the
+    /// other interfaces, then the limit pushes the rest out to swap).
+    pub cgroup_limit: Option<u64>,
 }
 
 impl Mem {
@@ -132,6 +136,7 @@ impl Mem {
         Mem {
             kind: Kind::Plain,
             budget: None,
+            cgroup_limit: None,
         }
     }
 
@@ -175,6 +180,10 @@ impl Mem {
                 Kind::Regions(_) => {}
             }
         }
+        if let Some(limit) = self.cgroup_limit {
+            set_own_memory_limit(&limit.to_string())
+                .with_context(|| format!("limiting this process to {limit} bytes"))?;
+        }
         Ok(Meter {
             mem: self,
             bytes: self.bytes_moved(),
@@ -203,6 +212,9 @@ impl Meter<'_> {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
+        if self.mem.cgroup_limit.is_some() {
+            set_own_memory_limit("-1").context("lifting this process's memory limit")?;
+        }
         if self.mem.budget.is_some() {
             match &self.mem.kind {
                 Kind::Plain => {
@@ -216,6 +228,23 @@ impl Meter<'_> {
         }
         Ok((secs, bytes))
     }
+}
+
+/// Writes `limit` to `memory.limit_in_bytes` of this process's cgroup v1
+/// memory controller. Lowering it makes the kernel reclaim (swap) until
+/// the process fits, or fail.
+fn set_own_memory_limit(limit: &str) -> Result<()> {
+    let groups =
+        std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+    let Some(path) = groups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+        ctl.split(',').any(|c| c == "memory").then_some(path)
+    }) else {
+        bail!("this process is in no cgroup v1 memory controller");
+    };
+    let file = format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes");
+    std::fs::write(&file, limit).with_context(|| format!("writing {limit} to {file}"))
 }
 
 /// Rewrites every element of `v` in `range` in order with `f(index, &mut

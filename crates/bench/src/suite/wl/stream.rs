@@ -88,7 +88,6 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
                     }
                 })?;
             }
-            a.flush()?;
             m.stop()?
         }
         Kind::Regions(cluster) => {
