@@ -36,7 +36,8 @@
 //!
 //! # Prefetching
 //!
-//! Demand faults feed a Leap prefetcher ([`crate::prefetch`]). The faulting
+//! Demand faults feed Leap prefetchers, one per stream of faults
+//! ([`crate::prefetch`]). The faulting
 //! page is installed first; proposals go to a prefetch thread, which fetches
 //! them (as one vectored read) and installs them write-protected. One page in
 //! the middle of each prefetched run is kept in a slot instead of mapped: when
@@ -55,7 +56,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use remora_client::Region;
 
 use crate::config::{Budget, PagerConfig};
-use crate::prefetch::{Leap, Proposal};
+use crate::prefetch::{Proposal, Streams};
 use crate::uffd::{Event, Uffd, PAGE};
 use crate::{mark_internal_thread, PagingError};
 
@@ -220,11 +221,9 @@ struct Lists {
     inactive: VecDeque<(u32, u32)>,
 }
 
-struct PrefetchState {
-    leap: Leap,
-    /// Pages of the last proposal that were actually fetched.
-    last: Option<(Proposal, Vec<u32>)>,
-}
+/// Per stream of faults: the last proposal, and the pages of it that were
+/// actually fetched.
+type PrefetchState = Streams<(Proposal, Vec<u32>)>;
 
 pub(crate) struct Inner {
     uffd: Uffd,
@@ -351,10 +350,7 @@ impl PagedRegion {
             room: Mutex::new(()),
             evict_cv: Condvar::new(),
             room_cv: Condvar::new(),
-            prefetch: Mutex::new(PrefetchState {
-                leap: Leap::new(cfg.prefetch_window),
-                last: None,
-            }),
+            prefetch: Mutex::new(Streams::new(cfg.prefetch_window)),
             prefetch_q: Mutex::new(VecDeque::new()),
             prefetch_cv: Condvar::new(),
             paused: AtomicBool::new(false),
@@ -951,7 +947,8 @@ impl Inner {
         if self.cfg.prefetch_window == 0 || self.paused.load(Ordering::Acquire) {
             return;
         }
-        let mut st = self.prefetch.lock();
+        let mut streams = self.prefetch.lock();
+        let st = streams.stream(p as u64);
         // Did the program follow the last proposal? Then the pages it has
         // reached along the stride were used.
         if let Some((prop, issued)) = st.last.take() {
@@ -978,7 +975,7 @@ impl Inner {
             .filter(|&q| self.st(q) == ABSENT && self.flag(q, FAR_VALID))
             .collect();
         st.last = Some((prop, want.clone()));
-        drop(st);
+        drop(streams);
         if want.is_empty() {
             return;
         }

@@ -126,9 +126,139 @@ impl Leap {
     }
 }
 
+/// Most streams followed at once.
+pub const MAX_STREAMS: usize = 4;
+
+/// Several Leap prefetchers, one per stream of faults: a program that
+/// scans three arrays side by side faults in three places in turn, which
+/// one history would see as random. A fault joins the stream whose last
+/// fault is nearest, within `reach` pages; otherwise it starts a stream in
+/// the place of the one idle longest.
+#[derive(Debug, Clone)]
+pub struct Streams<T> {
+    streams: Vec<Stream<T>>,
+    max_window: u32,
+    clock: u64,
+}
+
+/// One stream: its prefetcher, its last fault, and what the pager keeps
+/// about its last proposal.
+#[derive(Debug, Clone)]
+pub struct Stream<T> {
+    /// The stream's prefetcher.
+    pub leap: Leap,
+    /// The pager's record of the stream's last proposal.
+    pub last: Option<T>,
+    page: u64,
+    used_at: u64,
+}
+
+impl<T> Streams<T> {
+    /// Streams whose prefetchers propose at most `max_window` pages.
+    pub fn new(max_window: u32) -> Streams<T> {
+        Streams {
+            streams: Vec::with_capacity(MAX_STREAMS),
+            max_window,
+            clock: 0,
+        }
+    }
+
+    /// How near (in pages) a fault must be to a stream's last one to
+    /// continue it: twice the largest window, at least 16 pages.
+    pub fn reach(&self) -> u64 {
+        (2 * self.max_window as u64).max(16)
+    }
+
+    /// The stream a fault on `page` belongs to (moved to `page`).
+    pub fn stream(&mut self, page: u64) -> &mut Stream<T> {
+        self.clock += 1;
+        let reach = self.reach();
+        let near = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.page.abs_diff(page) <= reach)
+            .min_by_key(|(_, s)| s.page.abs_diff(page))
+            .map(|(i, _)| i);
+        let i = match near {
+            Some(i) => i,
+            None if self.streams.len() < MAX_STREAMS => {
+                self.streams.push(self.fresh(page));
+                self.streams.len() - 1
+            }
+            None => {
+                let (i, _) = self
+                    .streams
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| s.used_at)
+                    .expect("MAX_STREAMS > 0");
+                self.streams[i] = self.fresh(page);
+                i
+            }
+        };
+        let s = &mut self.streams[i];
+        s.page = page;
+        s.used_at = self.clock;
+        s
+    }
+
+    fn fresh(&self, page: u64) -> Stream<T> {
+        Stream {
+            leap: Leap::new(self.max_window),
+            last: None,
+            page,
+            used_at: self.clock,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_sequential_streams_are_each_followed() {
+        let mut st: Streams<()> = Streams::new(16);
+        let bases = [0u64, 1 << 20, 2 << 20];
+        let mut proposals = [0; 3];
+        for i in 0..40u64 {
+            for (k, b) in bases.iter().enumerate() {
+                let s = st.stream(b + i);
+                if let Some(p) = s.leap.on_fault(b + i) {
+                    assert_eq!(p.stride, 1);
+                    assert_eq!(p.start, b + i + 1);
+                    s.leap.used(p.count);
+                    proposals[k] += 1;
+                }
+            }
+        }
+        assert!(proposals.iter().all(|&n| n > 30), "{proposals:?}");
+        // One history alone never finds the streams' stride (it votes for
+        // the jumps between them).
+        let mut one = Leap::new(16);
+        for i in 0..40u64 {
+            for b in bases {
+                if let Some(p) = one.on_fault(b + i) {
+                    assert_ne!(p.stride, 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_faults_start_no_stream_that_proposes() {
+        let mut st: Streams<()> = Streams::new(16);
+        let mut x = 88172645463325252u64;
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let p = x % (1 << 30);
+            assert!(st.stream(p).leap.on_fault(p).is_none());
+        }
+        assert!(st.streams.len() <= MAX_STREAMS);
+    }
 
     #[test]
     fn sequential_stream_is_detected_and_window_grows_with_use() {
