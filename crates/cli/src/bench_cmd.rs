@@ -104,6 +104,10 @@ pub fn suite(a: SuiteArgs) -> Result<()> {
         o.scale,
         o.repeat
     );
+    // Ctrl-C (or SIGTERM) stops the suite between runs, killing the run
+    // in progress; the cluster and the zram device are still torn down
+    // and the results so far still written.
+    let _ = ctrlc::set_handler(runner::interrupt);
     let cluster = Embedded::start(&cfg)?;
     let target = Target {
         controller: cluster.info.controller.clone(),

@@ -238,3 +238,54 @@ fn bench_report_renders_from_a_results_file() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("bad.json"), "{}", stderr(&out));
 }
+
+#[test]
+fn bad_suite_flags_are_refused_before_anything_starts() {
+    for (args, says) in [
+        (&["--workloads", "nope"][..], "unknown workload"),
+        (&["--interfaces", "nfs"], "unknown interface"),
+        (&["--ratios", "0"], "between 1 and 100"),
+        (&["--ratios", "150"], "between 1 and 100"),
+        (&["--repeat", "0"], "at least 1"),
+        (&["--scale", "0"], "--scale"),
+    ] {
+        let out = Command::new(common::exe())
+            .arg("bench")
+            .args(args)
+            .output()
+            .unwrap();
+        let e = stderr(&out);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(e.contains(says), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+}
+
+/// `--latency` reaches the servers: every hop of an uncached walk waits
+/// at least the injected delay, and the record says what was injected.
+#[test]
+fn injected_latency_reaches_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::exe())
+        .args(["bench", "--workloads", "chase", "--interfaces", "regions"])
+        .args([
+            "--repeat",
+            "1",
+            "--scale",
+            "0.01",
+            "--latency",
+            "300us",
+            "--out",
+        ])
+        .arg(dir.path())
+        .env("REMORA_HOME", dir.path().join("home"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recs = results::load(&dir.path().join("results.json")).unwrap();
+    let r = recs.iter().find(|r| r.interface == "regions").unwrap();
+    assert!(r.ok(), "{}", r.status);
+    assert_eq!(r.injected_latency_us, 300);
+    let p50 = r.lat_p50_us.unwrap();
+    assert!(p50 >= 300.0, "a hop took {p50} µs with 300 µs injected");
+}

@@ -350,7 +350,7 @@ impl PagedRegion {
             room: Mutex::new(()),
             evict_cv: Condvar::new(),
             room_cv: Condvar::new(),
-            prefetch: Mutex::new(Streams::new(cfg.prefetch_window)),
+            prefetch: Mutex::new(Streams::new(cfg.prefetch_window, 2 * cfg.fetch_unit as u64)),
             prefetch_q: Mutex::new(VecDeque::new()),
             prefetch_cv: Condvar::new(),
             paused: AtomicBool::new(false),
@@ -441,12 +441,17 @@ impl PagedRegion {
         self.inner.evict_cv.notify_all();
     }
 
-    /// Waits up to `timeout` until no more pages are resident than the
-    /// budget allows; returns whether they are.
+    /// Waits up to `timeout` until the resident pages leave the evictor
+    /// nothing to do (at least its low watermark of free pages below the
+    /// budget) and it is idle; returns whether they do.
     pub fn wait_within_budget(&self, timeout: Duration) -> bool {
         let end = std::time::Instant::now() + timeout;
         loop {
-            if self.inner.resident.load(Ordering::Acquire) <= self.inner.budget() {
+            let b = self.inner.budget();
+            let (low, _) = self.inner.watermarks(b);
+            if b >= self.inner.pages || self.inner.resident.load(Ordering::Acquire) + low <= b {
+                // Let an eviction round in progress finish.
+                drop(self.inner.evicting.lock());
                 return true;
             }
             if std::time::Instant::now() >= end {

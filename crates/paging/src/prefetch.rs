@@ -132,12 +132,15 @@ pub const MAX_STREAMS: usize = 4;
 /// Several Leap prefetchers, one per stream of faults: a program that
 /// scans three arrays side by side faults in three places in turn, which
 /// one history would see as random. A fault joins the stream whose last
-/// fault is nearest, within `reach` pages; otherwise it starts a stream in
-/// the place of the one idle longest.
+/// fault is nearest, within [`Streams::reach`] pages; otherwise it starts
+/// a stream in the place of the one idle longest among those that have
+/// not found a stride (so that random faults between them do not wipe out
+/// established streams), or of the one idle longest.
 #[derive(Debug, Clone)]
 pub struct Streams<T> {
     streams: Vec<Stream<T>>,
     max_window: u32,
+    min_reach: u64,
     clock: u64,
 }
 
@@ -154,19 +157,22 @@ pub struct Stream<T> {
 }
 
 impl<T> Streams<T> {
-    /// Streams whose prefetchers propose at most `max_window` pages.
-    pub fn new(max_window: u32) -> Streams<T> {
+    /// Streams whose prefetchers propose at most `max_window` pages;
+    /// faults up to `min_reach` pages apart always count as one stream (a
+    /// pager fetching several pages per fault passes twice its unit).
+    pub fn new(max_window: u32, min_reach: u64) -> Streams<T> {
         Streams {
             streams: Vec::with_capacity(MAX_STREAMS),
             max_window,
+            min_reach,
             clock: 0,
         }
     }
 
     /// How near (in pages) a fault must be to a stream's last one to
-    /// continue it: twice the largest window, at least 16 pages.
+    /// continue it: twice the largest window, at least `min_reach` and 16.
     pub fn reach(&self) -> u64 {
-        (2 * self.max_window as u64).max(16)
+        (2 * self.max_window as u64).max(self.min_reach).max(16)
     }
 
     /// The stream a fault on `page` belongs to (moved to `page`).
@@ -191,7 +197,7 @@ impl<T> Streams<T> {
                     .streams
                     .iter()
                     .enumerate()
-                    .min_by_key(|(_, s)| s.used_at)
+                    .min_by_key(|(_, s)| (s.leap.majority().is_some(), s.used_at))
                     .expect("MAX_STREAMS > 0");
                 self.streams[i] = self.fresh(page);
                 i
@@ -219,7 +225,7 @@ mod tests {
 
     #[test]
     fn interleaved_sequential_streams_are_each_followed() {
-        let mut st: Streams<()> = Streams::new(16);
+        let mut st: Streams<()> = Streams::new(16, 2);
         let bases = [0u64, 1 << 20, 2 << 20];
         let mut proposals = [0; 3];
         for i in 0..40u64 {
@@ -247,8 +253,30 @@ mod tests {
     }
 
     #[test]
+    fn random_faults_between_scans_leave_the_scans_alone() {
+        let mut st: Streams<()> = Streams::new(16, 2);
+        let mut x = 88172645463325252u64;
+        let mut proposals = 0;
+        for i in 0..200u64 {
+            // A sequential scan, then three random faults, in turn.
+            if let Some(p) = st.stream(i).leap.on_fault(i) {
+                assert_eq!(p.stride, 1);
+                proposals += 1;
+            }
+            for _ in 0..3 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let p = (1 << 20) + x % (1 << 30);
+                let _ = st.stream(p).leap.on_fault(p);
+            }
+        }
+        assert!(proposals > 190, "{proposals}");
+    }
+
+    #[test]
     fn random_faults_start_no_stream_that_proposes() {
-        let mut st: Streams<()> = Streams::new(16);
+        let mut st: Streams<()> = Streams::new(16, 2);
         let mut x = 88172645463325252u64;
         for _ in 0..1000 {
             x ^= x << 13;

@@ -277,6 +277,12 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
     let mut local_digest: HashMap<Workload, String> = HashMap::new();
     let mut failures = 0;
     for spec in &plan {
+        if interrupted() {
+            let n = format!("interrupted: {} of {} runs made", records.len(), plan.len());
+            say(n.clone());
+            notes.push(n);
+            break;
+        }
         bar.set_message(spec.label());
         let t = Instant::now();
         let mut rec = record(opts, spec);
@@ -305,22 +311,30 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
                 }
                 rec.status = "ok".into();
                 if spec.interface == Interface::Local {
-                    local_secs.entry(spec.workload).or_default().push(r.secs);
                     let d = local_digest
                         .entry(spec.workload)
                         .or_insert_with(|| rec.digest.clone());
-                    if *d != rec.digest {
+                    if *d == rec.digest {
+                        local_secs.entry(spec.workload).or_default().push(r.secs);
+                    } else {
                         rec.status = format!(
                             "error: all-local runs disagree (digest {} vs {d})",
                             rec.digest
                         );
                     }
-                } else if let Some(d) = local_digest.get(&spec.workload) {
-                    if *d != rec.digest {
-                        rec.status = format!(
-                            "error: wrong answer: digest {} differs from all-local {d}",
-                            rec.digest
-                        );
+                } else {
+                    match local_digest.get(&spec.workload) {
+                        Some(d) if *d != rec.digest => {
+                            rec.status = format!(
+                                "error: wrong answer: digest {} differs from all-local {d}",
+                                rec.digest
+                            );
+                        }
+                        Some(_) => {}
+                        None => {
+                            rec.status =
+                                "error: unchecked: the all-local baseline failed".to_string();
+                        }
                     }
                 }
             }
@@ -380,6 +394,18 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
         notes,
         failures,
     })
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running suite to stop: the run in progress is killed, no more
+/// start, and the results so far are kept (for a Ctrl-C handler).
+pub fn interrupt() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Frees every region of the tenant.
@@ -474,22 +500,18 @@ fn run_one(
         }
         Interface::Zram => {
             let z = zram.context("zram is not set up")?;
-            // The worker's own binary, libraries and stacks need room
-            // beside the data, as the paging runs' heap does.
-            let limit = fp * spec.ratio as u64 / 100 + super::worker::slack(fp);
             // Data is made with memory to spare; the worker lowers its
-            // cgroup's limit to `limit` for the timed phase. Under heavy
-            // swapping the kernel's cgroup v1 controller sometimes
-            // OOM-kills a process that fits in limit plus swap (every page
-            // refaulted is active, none left to reclaim): such a run is
-            // tried again, up to three times in all.
+            // cgroup's limit to the run's share (plus what the process held
+            // before making data) for the timed phase. Under heavy swapping
+            // the kernel's cgroup v1 controller sometimes OOM-kills a
+            // process that fits in limit plus swap (every refaulted page is
+            // active, none is left to reclaim): such a run is tried again,
+            // up to three times in all.
             let mut tries = 0;
             loop {
                 tries += 1;
                 let mut c = worker_command(opts, target, spec);
-                c.arg("--wait-go")
-                    .arg("--memory-limit")
-                    .arg(limit.to_string());
+                c.arg("--wait-go").arg("--limit-memory");
                 match z.run_limited(fp * 3 + (512 << 20), c) {
                     Ok(out) => return parse_report(&out),
                     Err(e) if tries < 3 && format!("{e:#}").contains("OOM killer") => continue,
@@ -539,13 +561,26 @@ pub fn run_worker(mut c: Command, timeout: Duration) -> Result<WorkerReport> {
     });
     let start = Instant::now();
     let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e).context("waiting for the worker");
+            }
         }
-        if start.elapsed() > timeout {
+        let why = if start.elapsed() > timeout {
+            Some(format!("timed out after {} s", timeout.as_secs()))
+        } else if interrupted() {
+            Some("interrupted".to_string())
+        } else {
+            None
+        };
+        if let Some(why) = why {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("timed out after {} s", timeout.as_secs());
+            bail!("{why}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };

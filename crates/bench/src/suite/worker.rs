@@ -54,10 +54,11 @@ pub struct WorkerArgs {
     /// Wait for a line on stdin before allocating anything.
     #[arg(long)]
     pub wait_go: bool,
-    /// Memory limit (bytes) the worker puts on its own cgroup v1 memory
-    /// controller for the timed phase (the zram peer).
+    /// Limit the worker's own cgroup v1 memory controller to the run's
+    /// share of the footprint (plus the memory the process held before it
+    /// made any data) for the timed phase: the zram peer.
     #[arg(long)]
-    pub memory_limit: Option<u64>,
+    pub limit_memory: bool,
 }
 
 /// What a worker prints.
@@ -113,14 +114,13 @@ pub fn run_workload(
     }
 }
 
-/// Local memory a run gets beyond its share of the footprint, under
-/// paging and zram: the process holds more than the workload's data (its
-/// binary, buffers, the runtime's small allocations) and the pager keeps a
-/// reserve of free pages below its budget (a sixteenth, up to 8 MiB). An
-/// eighth of the footprint, at most 16 MiB, plus 1 MiB, so that at 100%
-/// the data fits and small footprints are not swamped.
-pub fn slack(footprint: u64) -> u64 {
-    (footprint / 8).min(16 << 20) + (1 << 20)
+/// Local memory a paging run gets beyond its share of the footprint: the
+/// free pages its pager keeps in reserve below the budget (a sixteenth,
+/// at most 8 MiB), and 1 MiB for the heap's own small allocations. Object
+/// runs get their share exactly; zram runs get their share plus what the
+/// worker process held before it made any data.
+pub fn paging_reserve(share: u64) -> u64 {
+    (share / 16).min(8 << 20) + (1 << 20)
 }
 
 /// Far heap size of a paging run: room for the data and what making it
@@ -167,13 +167,14 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
         };
         remora_client::Cluster::connect(c, t).with_context(|| format!("connecting to {c}"))
     };
-    if a.memory_limit.is_some() && a.interface != Interface::Zram {
-        bail!("--memory-limit is for --interface zram");
+    if a.limit_memory && a.interface != Interface::Zram {
+        bail!("--limit-memory is for --interface zram");
     }
+    let baseline = if a.limit_memory { wl::own_rss()? } else { 0 };
     let mem = match a.interface {
         Interface::Local => Mem::plain(),
         Interface::Zram => Mem {
-            cgroup_limit: a.memory_limit,
+            cgroup_limit: a.limit_memory.then_some(budget + baseline + (1 << 20)),
             ..Mem::plain()
         },
         Interface::Paging => {
@@ -194,7 +195,7 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
             remora_paging::FarAlloc::start(&opts).context("starting the far heap")?;
             Mem {
                 kind: Kind::Plain,
-                budget: Some(budget + slack(fp)),
+                budget: Some(budget + paging_reserve(budget)),
                 cgroup_limit: None,
             }
         }

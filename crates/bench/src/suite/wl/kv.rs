@@ -39,11 +39,11 @@ pub struct KvParams {
 }
 
 impl KvParams {
-    /// 1M keys and 400k operations at scale 1.
+    /// 1M keys and 200k operations at scale 1.
     pub fn new(skew: f64, scale: f64, seed: u64) -> KvParams {
         KvParams {
             keys: scaled(1 << 20, scale, 1024),
-            ops: scaled(400_000, scale, 10_000),
+            ops: scaled(200_000, scale, 10_000),
             skew,
             get_percent: 90,
             seed,

@@ -160,33 +160,52 @@ impl Mem {
 
     /// Applies the run's budget, then starts timing.
     pub fn meter(&self) -> Result<Meter<'_>> {
-        if let Some(b) = self.budget {
-            match &self.kind {
-                Kind::Plain => {
-                    if let Some(h) = remora_paging::heap::far_heap() {
-                        h.pager().set_budget(b);
-                        if !h
-                            .pager()
-                            .wait_within_budget(std::time::Duration::from_secs(120))
-                        {
-                            bail!("the far heap did not shrink to its budget of {b} bytes");
-                        }
+        self.meter_at(self.budget)
+    }
+
+    /// Applies `budget` (instead of the run's), writes back everything
+    /// still dirty from loading the data (so that the timed phase pays
+    /// only for what it does itself), then starts timing.
+    pub fn meter_at(&self, budget: Option<u64>) -> Result<Meter<'_>> {
+        match (&self.kind, budget) {
+            (Kind::Plain, Some(b)) => {
+                if let Some(h) = remora_paging::heap::far_heap() {
+                    h.pager().set_budget(b);
+                    if !h
+                        .pager()
+                        .wait_within_budget(std::time::Duration::from_secs(120))
+                    {
+                        bail!("the far heap did not shrink to its budget of {b} bytes");
                     }
+                    // Write-back buffers must not come from the far heap
+                    // being written back.
+                    remora_paging::heap::as_internal(|| h.pager().flush())?;
                 }
-                Kind::Objects { cache, .. } => {
-                    cache.set_budget(b)?;
-                    cache.evict_to(b)?;
-                }
-                Kind::Regions(_) => {}
             }
+            (Kind::Objects { cache, .. }, Some(b)) => {
+                cache.set_budget(b)?;
+                cache.evict_to(b)?;
+                let resident = cache.stats().resident_bytes;
+                if resident > b {
+                    bail!("the object cache holds {resident} bytes after evicting to {b}");
+                }
+                cache.flush()?;
+            }
+            _ => {}
         }
-        if let Some(limit) = self.cgroup_limit {
-            set_own_memory_limit(&limit.to_string())
-                .with_context(|| format!("limiting this process to {limit} bytes"))?;
-        }
+        let restore = match self.cgroup_limit {
+            Some(limit) => {
+                let old = own_memory_limit()?;
+                set_own_memory_limit(&limit.to_string())
+                    .with_context(|| format!("limiting this process to {limit} bytes"))?;
+                Some(old)
+            }
+            None => None,
+        };
         Ok(Meter {
             mem: self,
             bytes: self.bytes_moved(),
+            restore,
             start: Instant::now(),
         })
     }
@@ -200,6 +219,8 @@ impl Mem {
 pub struct Meter<'a> {
     mem: &'a Mem,
     bytes: Option<u64>,
+    /// The cgroup memory limit to put back when the phase ends.
+    restore: Option<String>,
     start: Instant,
 }
 
@@ -212,8 +233,8 @@ impl Meter<'_> {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
-        if self.mem.cgroup_limit.is_some() {
-            set_own_memory_limit("-1").context("lifting this process's memory limit")?;
+        if let Some(old) = &self.restore {
+            set_own_memory_limit(old).context("lifting this process's memory limit")?;
         }
         if self.mem.budget.is_some() {
             match &self.mem.kind {
@@ -230,10 +251,8 @@ impl Meter<'_> {
     }
 }
 
-/// Writes `limit` to `memory.limit_in_bytes` of this process's cgroup v1
-/// memory controller. Lowering it makes the kernel reclaim (swap) until
-/// the process fits, or fail.
-fn set_own_memory_limit(limit: &str) -> Result<()> {
+/// `memory.limit_in_bytes` of this process's cgroup v1 memory controller.
+fn own_limit_file() -> Result<String> {
     let groups =
         std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
     let Some(path) = groups.lines().find_map(|l| {
@@ -243,8 +262,33 @@ fn set_own_memory_limit(limit: &str) -> Result<()> {
     }) else {
         bail!("this process is in no cgroup v1 memory controller");
     };
-    let file = format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes");
+    Ok(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+}
+
+fn own_memory_limit() -> Result<String> {
+    let file = own_limit_file()?;
+    Ok(std::fs::read_to_string(&file)
+        .with_context(|| format!("reading {file}"))?
+        .trim()
+        .to_string())
+}
+
+/// Writes `limit` to this process's cgroup memory limit. Lowering it makes
+/// the kernel reclaim (swap) until the process fits, or fail.
+fn set_own_memory_limit(limit: &str) -> Result<()> {
+    let file = own_limit_file()?;
     std::fs::write(&file, limit).with_context(|| format!("writing {limit} to {file}"))
+}
+
+/// Resident bytes of this process now (`/proc/self/statm`).
+pub fn own_rss() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("parsing /proc/self/statm")?;
+    Ok(pages * 4096)
 }
 
 /// Rewrites every element of `v` in `range` in order with `f(index, &mut

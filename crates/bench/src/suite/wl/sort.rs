@@ -113,8 +113,7 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
                 k
             })?;
             let local = mem.budget.unwrap_or(n * 8 * 2);
-            let m = mem.meter()?;
-            cache.set_budget((local / 2).max(1 << 20))?;
+            let m = mem.meter_at(mem.budget.map(|b| (b / 2).max(1 << 20)))?;
             let run_len = ((local / 2 / 8) as usize).max(1 << 16);
             let out = external_sort(cache, input, run_len)?;
             let r = m.stop()?;
