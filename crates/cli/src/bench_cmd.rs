@@ -15,7 +15,7 @@ use crate::embedded::{Embedded, EmbeddedConfig};
 /// Flags of the suite.
 #[derive(Args, Debug, Default)]
 pub struct SuiteArgs {
-    /// The quick suite (a few minutes): every workload and interface at
+    /// The quick suite (about a minute): every workload and interface at
     /// 100% and 25% local memory, a quarter of the size, once, with the
     /// key-value peers and zram for the key-value store.
     #[arg(long)]

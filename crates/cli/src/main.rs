@@ -60,8 +60,8 @@ enum Cmd {
     /// Manage and access regions.
     #[command(subcommand)]
     Region(region_cmd::RegionCmd),
-    /// The benchmark suite (no subcommand; see `remora bench --help`), or
-    /// one of the focused benchmarks.
+    /// Run the benchmark suite (with no subcommand), or one of the focused
+    /// benchmarks.
     Bench(BenchArgs),
     /// Run an unmodified program with its heap in far memory.
     Run(run_cmd::RunArgs),

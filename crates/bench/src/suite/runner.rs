@@ -343,6 +343,13 @@ pub fn run(opts: &SuiteOptions, target: &Target) -> Result<SuiteOutcome> {
                     format!("skipped: {}", s.0)
                 } else if let Some(u) = e.downcast_ref::<peers::Unavailable>() {
                     format!("skipped: {}", u.0)
+                } else if spec.interface == Interface::Paging
+                    && format!("{e:#}").contains("starting the far heap: userfaultfd")
+                {
+                    // Not permitted here (neither root nor
+                    // vm.unprivileged_userfaultfd=1): the machine's limit,
+                    // not a failure of the run.
+                    format!("skipped: {e:#}")
                 } else {
                     format!("error: {e:#}")
                 };
