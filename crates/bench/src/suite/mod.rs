@@ -81,6 +81,15 @@ impl Workload {
         }
     }
 
+    /// The Zipf exponent of a key-value workload.
+    pub fn kv_skew(self) -> Option<f64> {
+        match self {
+            Workload::KvZipf99 => Some(0.99),
+            Workload::KvZipf60 => Some(0.6),
+            _ => None,
+        }
+    }
+
     /// Remora interfaces (and the local baseline) that fit the workload.
     pub fn interfaces(self) -> &'static [Interface] {
         use Interface::*;

@@ -489,21 +489,11 @@ fn run_one(
         | Interface::RedisPipelined
         | Interface::Memcached
         | Interface::MemcachedPipelined => {
-            let skew = match spec.workload {
-                Workload::KvZipf99 => 0.99,
-                Workload::KvZipf60 => 0.6,
-                w => bail!("{w} has no key-value peer"),
+            let Some(skew) = spec.workload.kv_skew() else {
+                bail!("{} has no key-value peer", spec.workload);
             };
             let p = KvParams::new(skew, opts.scale, opts.seed);
-            let mut o = peers::kv_peer(spec.interface, &p)?;
-            Ok(WorkerReport {
-                footprint: fp,
-                secs: o.secs,
-                ops: o.ops,
-                digest: o.digest,
-                bytes_moved: o.bytes_moved,
-                latency_us: super::wl::percentiles(&mut o.lat_us),
-            })
+            Ok(WorkerReport::new(fp, peers::kv_peer(spec.interface, &p)?))
         }
         Interface::Zram => {
             let z = zram.context("zram is not set up")?;

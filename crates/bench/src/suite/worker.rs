@@ -78,11 +78,26 @@ pub struct WorkerReport {
     pub latency_us: Option<(f64, f64, f64)>,
 }
 
+impl WorkerReport {
+    /// The report of a workload's outcome.
+    pub fn new(footprint: u64, mut o: Outcome) -> WorkerReport {
+        WorkerReport {
+            footprint,
+            secs: o.secs,
+            ops: o.ops,
+            digest: o.digest,
+            bytes_moved: o.bytes_moved,
+            latency_us: wl::percentiles(&mut o.lat_us),
+        }
+    }
+}
+
 /// Bytes of a workload's data at `scale`.
 pub fn footprint(w: Workload, scale: f64) -> u64 {
     match w {
-        Workload::KvZipf99 => wl::kv::KvParams::new(0.99, scale, 0).footprint(),
-        Workload::KvZipf60 => wl::kv::KvParams::new(0.6, scale, 0).footprint(),
+        Workload::KvZipf99 | Workload::KvZipf60 => {
+            wl::kv::KvParams::new(w.kv_skew().unwrap_or(1.0), scale, 0).footprint()
+        }
         Workload::GraphBfs => wl::graph::footprint(scale, false),
         Workload::GraphPagerank => wl::graph::footprint(scale, true),
         Workload::Dataframe => wl::dataframe::footprint(scale),
@@ -102,8 +117,9 @@ pub fn run_workload(
     corrupt: bool,
 ) -> Result<Outcome> {
     match w {
-        Workload::KvZipf99 => wl::kv::run(mem, 0.99, scale, seed, corrupt),
-        Workload::KvZipf60 => wl::kv::run(mem, 0.6, scale, seed, corrupt),
+        Workload::KvZipf99 | Workload::KvZipf60 => {
+            wl::kv::run(mem, w.kv_skew().unwrap_or(1.0), scale, seed, corrupt)
+        }
         Workload::GraphBfs => wl::graph::run(mem, scale, seed, false, corrupt),
         Workload::GraphPagerank => wl::graph::run(mem, scale, seed, true, corrupt),
         Workload::Dataframe => wl::dataframe::run(mem, scale, seed, corrupt),
@@ -225,16 +241,8 @@ pub fn run(a: &WorkerArgs) -> Result<WorkerReport> {
         },
         other => bail!("{other} is a peer, not something a worker runs"),
     };
-    let mut o = run_workload(a.workload, &mem, a.scale, a.seed, a.corrupt)?;
-    let latency_us = wl::percentiles(&mut o.lat_us);
-    Ok(WorkerReport {
-        footprint: fp,
-        secs: o.secs,
-        ops: o.ops,
-        digest: o.digest,
-        bytes_moved: o.bytes_moved,
-        latency_us,
-    })
+    let o = run_workload(a.workload, &mem, a.scale, a.seed, a.corrupt)?;
+    Ok(WorkerReport::new(fp, o))
 }
 
 /// The worker's `main`: parses flags, runs, prints the report.

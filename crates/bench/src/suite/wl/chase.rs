@@ -81,6 +81,27 @@ struct Walk {
 }
 
 impl Walk {
+    /// Walks `hops` nodes from `from`, reading each with `node`, timing
+    /// one hop in [`LAT_SAMPLE`]; returns where the walk ends.
+    fn walk(
+        &mut self,
+        from: u64,
+        hops: u64,
+        mut node: impl FnMut(u64) -> Result<Node>,
+    ) -> Result<u64> {
+        let mut cur = from;
+        for k in 0..hops {
+            let t0 = k.is_multiple_of(LAT_SAMPLE).then(Instant::now);
+            let nd = node(cur)?;
+            self.visit(cur, &nd)?;
+            cur = nd.next;
+            if let Some(t0) = t0 {
+                self.lat.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        Ok(cur)
+    }
+
     fn visit(&mut self, index: u64, node: &Node) -> Result<()> {
         let want = payload(self.seed, index);
         check(node.payload == want, || {
@@ -104,20 +125,12 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
         digest: 0,
         lat: Vec::with_capacity((h / LAT_SAMPLE + 1) as usize),
     };
-    let mut cur = first;
-    let (secs, bytes) = match &mem.kind {
+    let (secs, bytes, cur) = match &mem.kind {
         Kind::Plain => {
             let m = mem.meter()?;
-            for k in 0..h {
-                let t0 = k.is_multiple_of(LAT_SAMPLE).then(Instant::now);
-                let nd = list[cur as usize];
-                w.visit(cur, &nd)?;
-                cur = nd.next;
-                if let Some(t0) = t0 {
-                    w.lat.push(t0.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-            m.stop()?
+            let end = w.walk(first, h, |i| Ok(list[i as usize]))?;
+            let (secs, bytes) = m.stop()?;
+            (secs, bytes, end)
         }
         Kind::Objects {
             cache,
@@ -128,16 +141,9 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
             let list = super::far_vec(cache, n as usize, |i| local[i])?;
             drop(local);
             let m = mem.meter()?;
-            for k in 0..h {
-                let t0 = k.is_multiple_of(LAT_SAMPLE).then(Instant::now);
-                let nd = list.read(cur as usize)?;
-                w.visit(cur, &nd)?;
-                cur = nd.next;
-                if let Some(t0) = t0 {
-                    w.lat.push(t0.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-            m.stop()?
+            let end = w.walk(first, h, |i| Ok(list.read(i as usize)?))?;
+            let (secs, bytes) = m.stop()?;
+            (secs, bytes, end)
         }
         Kind::Objects {
             cluster,
@@ -193,8 +199,7 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
                 }
                 k += got;
             }
-            cur = at / 16;
-            (t.elapsed().as_secs_f64(), Some(bytes))
+            (t.elapsed().as_secs_f64(), Some(bytes), at / 16)
         }
         Kind::Regions(cluster) => {
             let region = cluster
@@ -203,18 +208,12 @@ pub fn run(mem: &Mem, scale: f64, seed: u64, corrupt: bool) -> Result<Outcome> {
             load_region(&region, n, |i| list[i as usize])?;
             drop(list);
             let t = Instant::now();
-            for k in 0..h {
-                let t0 = k.is_multiple_of(LAT_SAMPLE).then(Instant::now);
+            let end = w.walk(first, h, |i| {
                 let mut b = [0u8; 16];
-                region.read(cur * 16, &mut b)?;
-                let nd: Node = bytemuck::pod_read_unaligned(&b);
-                w.visit(cur, &nd)?;
-                cur = nd.next;
-                if let Some(t0) = t0 {
-                    w.lat.push(t0.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-            (t.elapsed().as_secs_f64(), Some(h * 16))
+                region.read(i * 16, &mut b)?;
+                Ok(bytemuck::pod_read_unaligned(&b))
+            })?;
+            (t.elapsed().as_secs_f64(), Some(h * 16), end)
         }
     };
     check(cur == last, || {

@@ -77,14 +77,7 @@ pub fn fold(d: u64, v: u64) -> u64 {
     mix(d ^ v).wrapping_add(v)
 }
 
-/// Times the closure.
-pub fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
-    let t = Instant::now();
-    let r = f()?;
-    Ok((r, t.elapsed().as_secs_f64()))
-}
-
-/// Fails with a message naming the workload when `ok` is false.
+/// Fails with "result check failed: …" when `ok` is false.
 pub fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
     if !ok {
         bail!("result check failed: {}", what());
