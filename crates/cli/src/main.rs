@@ -120,9 +120,26 @@ struct ServerArgs {
     /// Largest frame accepted.
     #[arg(long, default_value = "16MiB", value_parser = size_arg)]
     max_frame: u64,
-    /// Most client connections served at once.
+    /// Most authenticated client connections served at once (more are
+    /// refused in their handshake with "overloaded").
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most authenticated connections of one tenant at once.
+    #[arg(long, default_value_t = 1024)]
+    max_connections_per_tenant: usize,
+    /// Most connections that have not authenticated yet (each has 10 s to
+    /// do so); more are closed on accept.
+    #[arg(long, default_value_t = 256)]
+    max_unauthenticated: usize,
+    /// Close an authenticated connection that sends nothing for this long
+    /// (clients reconnect by themselves).
+    #[arg(long, default_value = "600s", value_parser = duration_arg)]
+    idle_timeout: Duration,
+    /// Memory all connections' receive and reply buffers may hold
+    /// together (at least 32MiB); requests beyond it are refused with
+    /// "overloaded", nothing applied.
+    #[arg(long, default_value = "256MiB", value_parser = size_arg)]
+    buffer_budget: u64,
     /// Secret to present to the controller when registering.
     #[arg(long, env = "REMORA_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
@@ -452,6 +469,10 @@ fn server(a: ServerArgs) -> Result<()> {
         inject_latency: a.inject_latency.unwrap_or_default(),
         max_frame,
         max_connections: a.max_connections,
+        max_connections_per_tenant: a.max_connections_per_tenant,
+        max_unauthenticated: a.max_unauthenticated,
+        idle_timeout: a.idle_timeout,
+        buffer_budget: a.buffer_budget,
         cluster_secret: a.cluster_secret,
     })?;
     announce("server", h.addr());

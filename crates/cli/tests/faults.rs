@@ -415,7 +415,7 @@ fn a_retried_atomic_is_applied_once() {
         // A fresh connection each time, as after a reconnect.
         let mut s = TcpStream::connect(&loc.addr).unwrap();
         let mut b = Vec::new();
-        data::hello(&mut b, 1, 0, session);
+        data::hello(&mut b, 1, 0, session, (loc.slab, loc.key));
         data::encode_request(&mut b, 2, &Request::Faa { at, delta: 5, rid });
         s.write_all(&b).unwrap();
         let mut got = Vec::new();

@@ -73,9 +73,11 @@ impl Raw {
         }
     }
 
-    fn hello(&mut self, admin_key: u64) {
+    /// A handshake with the admin key or a slab capability (`(0, 0)`:
+    /// none, so only statistics may follow).
+    fn hello(&mut self, admin_key: u64, cap: (u64, u64)) {
         let mut b = Vec::new();
-        data::hello(&mut b, 1, admin_key, 7);
+        data::hello(&mut b, 1, admin_key, 7, cap);
         self.send(&b);
         match self.recv() {
             Got::Reply(1, kind, p) => assert!(matches!(
@@ -157,6 +159,7 @@ fn bad_input_gets_errors_and_other_clients_are_unaffected() {
             version: 999,
             admin_key: 0,
             session: 0,
+            cap: (0, 0),
         },
     );
     g.expect_error(ErrorCode::UnsupportedVersion);
@@ -165,7 +168,7 @@ fn bad_input_gets_errors_and_other_clients_are_unaffected() {
     //    atomic, unknown opcode, truncated payload, control ops without the
     //    admin key, an oversized read. The connection stays usable.
     let mut g = Raw::connect(server);
-    g.hello(0);
+    g.hello(0, (loc.slab, loc.key));
     g.request(
         2,
         &Request::Read {
@@ -218,6 +221,7 @@ fn bad_input_gets_errors_and_other_clients_are_unaffected() {
         &Request::CreateSlab {
             slab: 424_242,
             key: 1,
+            owner: 1,
         },
     );
     g.expect_error(ErrorCode::NotAuthorized);
@@ -270,7 +274,7 @@ fn bad_input_gets_errors_and_other_clients_are_unaffected() {
 
     // 5. An oversized frame: error reply, then the connection is closed.
     let mut g = Raw::connect(server);
-    g.hello(0);
+    g.hello(0, (loc.slab, loc.key));
     let mut b = Vec::new();
     b.extend_from_slice(&(1u32 << 30).to_le_bytes());
     b.extend_from_slice(&[0u8; HEADER_LEN - 4]);
@@ -542,10 +546,12 @@ fn a_frame_header_alone_cannot_make_a_daemon_allocate() {
     g.expect_closed_eventually();
     // After it, a claimed 15 MiB frame is buffered only as bytes arrive:
     // many connections each claiming one cost the server nothing.
+    let owned = tc.client().alloc_region(4096).unwrap();
+    let loc = owned.map().slabs[0].clone();
     let mut conns = Vec::new();
     for _ in 0..200 {
         let mut g = Raw::connect(&tc.servers[0].addr);
-        g.hello(0);
+        g.hello(0, (loc.slab, loc.key));
         g.send(&[0xf0, 0xff, 0xef, 0x00]);
         conns.push(g);
     }

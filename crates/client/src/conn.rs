@@ -83,7 +83,9 @@ impl std::fmt::Debug for Conn {
 }
 
 impl Conn {
-    /// Connects and performs the handshake.
+    /// Connects and performs the handshake, authenticated by the slab
+    /// capability `cap` (`(0, 0)`: a connection that may only ask for
+    /// statistics).
     pub(crate) fn connect(
         transport: &dyn Transport,
         addr: &str,
@@ -91,6 +93,7 @@ impl Conn {
         timeout: Duration,
         latency: LatencyInjector,
         session: u64,
+        cap: (u64, u64),
     ) -> Result<Arc<Conn>, ClientError> {
         let net = |source: NetError| ClientError::net(addr, source);
         let s = transport.connect(addr, connect_timeout).map_err(net)?;
@@ -105,7 +108,7 @@ impl Conn {
         s.set_read_timeout(Some(READ_TICK)).map_err(io)?;
         let mut r = FramedReader::new(s, addr, remora_proto::frame::DEFAULT_MAX_FRAME, latency);
         let mut buf = Vec::new();
-        data::hello(&mut buf, 0, 0, session);
+        data::hello(&mut buf, 0, 0, session, cap);
         w.write_all(&buf).map_err(|source| {
             net(NetError::Io {
                 op: "write to",

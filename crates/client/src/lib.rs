@@ -419,7 +419,17 @@ impl Cluster {
     /// Statistics of the memory server at `addr` (capacity, slabs, bytes
     /// and operations served, open connections).
     pub fn server_stats(&self, addr: &str) -> Result<ServerStats> {
-        let conn = self.inner.conn(addr)?;
+        // A connection of its own, without a credential (statistics need
+        // none), closed when done.
+        let conn = Conn::connect(
+            &*self.inner.transport,
+            addr,
+            self.inner.opts.connect_timeout,
+            self.inner.opts.request_timeout,
+            LatencyInjector::new(self.inner.opts.inject_latency),
+            self.inner.session,
+            (0, 0),
+        )?;
         let id = conn.submit(|b, id| data::encode_request(b, id, &data::Request::Stats))?;
         conn.wait_with(id, |kind, payload| {
             match data::decode_reply(kind, payload) {
@@ -516,8 +526,11 @@ impl Inner {
     }
 
     /// The pooled connection to `addr`, (re)connecting if needed. Only
-    /// callers of the same server wait for a connection attempt.
-    pub(crate) fn conn(&self, addr: &str) -> Result<Arc<Conn>> {
+    /// callers of the same server wait for a connection attempt. A new
+    /// connection authenticates with `cap`, the capability (slab id, key)
+    /// of the slab the caller is about to use: the server counts it as
+    /// this tenant's.
+    pub(crate) fn conn(&self, addr: &str, cap: (u64, u64)) -> Result<Arc<Conn>> {
         let slot = {
             let mut pool = self.conns.lock();
             match pool.get(addr) {
@@ -538,6 +551,7 @@ impl Inner {
             self.opts.request_timeout,
             LatencyInjector::new(self.opts.inject_latency),
             self.session,
+            cap,
         )?;
         *slot = Some(c.clone());
         Ok(c)

@@ -269,7 +269,8 @@ struct Piece {
 
 impl Region {
     fn send_to(&self, loc: &SlabLoc, req: &Request<'_>, within: Duration) -> Result<Sent, Attempt> {
-        let conn = self.inner.conn(&loc.addr).map_err(unsent)?;
+        let cap = req.capability().unwrap_or((loc.slab, loc.key));
+        let conn = self.inner.conn(&loc.addr, cap).map_err(unsent)?;
         let id = conn
             .submit_within(|b, id| data::encode_request(b, id, req), within)
             .map_err(unsent)?;

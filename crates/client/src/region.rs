@@ -353,7 +353,8 @@ impl Region {
     }
 
     fn submit(&self, addr: &str, req: &Request<'_>) -> Result<(Arc<Conn>, u64), Attempt> {
-        let conn = self.inner.conn(addr).map_err(unsent)?;
+        let cap = req.capability().unwrap_or((0, 0));
+        let conn = self.inner.conn(addr, cap).map_err(unsent)?;
         let id = conn
             .submit(|b, id| data::encode_request(b, id, req))
             .map_err(unsent)?;

@@ -689,6 +689,17 @@ impl Inner {
         }
     }
 
+    /// The data-plane tag of the tenant that owns `region` (memory servers
+    /// count connections per owner); 0 if the region is gone. Takes the
+    /// state lock: never call it with the lock held.
+    fn owner_of(&self, region: u64) -> u64 {
+        self.state
+            .lock()
+            .regions
+            .get(&region)
+            .map_or(0, |r| remora_proto::tenant_tag(&r.tenant))
+    }
+
     fn client_request(&self, tenant: &str, req: CtlRequest) -> Result<CtlReply, Failure> {
         match req {
             CtlRequest::Alloc {
@@ -943,6 +954,7 @@ impl Inner {
                 .map(|l| Request::CreateSlab {
                     slab: l.slab,
                     key: l.key,
+                    owner: remora_proto::tenant_tag(tenant),
                 })
                 .collect();
             for (l, r) in locs.iter().zip(self.admin_calls(*sid, &reqs)) {
@@ -1146,6 +1158,7 @@ impl Inner {
             &Request::CreateSlab {
                 slab: dest.slab,
                 key: dest.key,
+                owner: self.owner_of(region),
             },
         ) {
             // Outcome unknown on a connection failure: drop it to be sure.
@@ -1292,7 +1305,7 @@ impl Inner {
             .map_err(unavailable)?;
             c.set_timeout(ADMIN_TIMEOUT);
             let f = c
-                .call(|b, id| data::hello(b, id, key, 0))
+                .call(|b, id| data::hello(b, id, key, 0, (0, 0)))
                 .map_err(unavailable)?;
             match data::decode_reply(f.kind, &f.payload) {
                 Ok(Reply::HelloOk { max_frame, .. }) => {

@@ -277,6 +277,7 @@ impl Inner {
             &Request::CreateSlab {
                 slab: dest.slab,
                 key: dest.key,
+                owner: self.owner_of(region),
             },
         ) {
             undo(&[], e.0 == ErrorCode::ServerUnavailable);

@@ -95,6 +95,10 @@ pub enum Request<'a> {
         /// The client's session id: atomics carrying a request id are
         /// applied once per (session, request id), across connections.
         session: u64,
+        /// A slab capability that authenticates the connection as the
+        /// slab's owner (slab id and key; `0, 0` for none). A connection
+        /// with neither this nor the admin key may only ask for STATS.
+        cap: (u64, u64),
     },
     /// Read `len` bytes.
     Read {
@@ -179,6 +183,10 @@ pub enum Request<'a> {
         slab: u64,
         /// Its capability key.
         key: u64,
+        /// The tenant that owns it, as a tag ([`crate::tenant_tag`]):
+        /// connections authenticated with its capability count against
+        /// that tenant's connection limit.
+        owner: u64,
     },
     /// Drop a slab.
     DropSlab {
@@ -270,6 +278,35 @@ pub enum SubOp<'a> {
     },
 }
 
+impl Request<'_> {
+    /// The slab capability a data operation carries (slab id and key):
+    /// what a client presents in the handshake of a connection it opens
+    /// for this request. `None` for the handshake and control operations.
+    pub fn capability(&self) -> Option<(u64, u64)> {
+        let at = match self {
+            Request::Read { at, .. }
+            | Request::Write { at, .. }
+            | Request::Cas { at, .. }
+            | Request::Faa { at, .. }
+            | Request::Swap { at, .. }
+            | Request::Xor { at, .. }
+            | Request::Commit { at, .. }
+            | Request::Offload { at, .. } => *at,
+            Request::Batch(ops) => match ops.iter().next() {
+                Some(Ok(
+                    SubOp::Read { at, .. }
+                    | SubOp::Write { at, .. }
+                    | SubOp::Cas { at, .. }
+                    | SubOp::Faa { at, .. },
+                )) => at,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        Some((at.slab, at.key))
+    }
+}
+
 /// Lazily decoded sub-operations of a batch request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchOps<'a> {
@@ -354,10 +391,23 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
             if magic != MAGIC {
                 return Err(DecodeError::BadMagic);
             }
+            let version = c.u16()?;
+            if version != VERSION {
+                // Another version's handshake may be laid out differently:
+                // keep only its version, so the server can say why it
+                // refuses it.
+                return Ok(Request::Hello {
+                    version,
+                    admin_key: 0,
+                    session: 0,
+                    cap: (0, 0),
+                });
+            }
             Request::Hello {
-                version: c.u16()?,
+                version,
                 admin_key: c.u64()?,
                 session: c.u64()?,
+                cap: (c.u64()?, c.u64()?),
             }
         }
         op::READ => Request::Read {
@@ -418,6 +468,7 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
         op::CREATE_SLAB => Request::CreateSlab {
             slab: c.u64()?,
             key: c.u64()?,
+            owner: c.u64()?,
         },
         op::DROP_SLAB => Request::DropSlab { slab: c.u64()? },
         op::THAW_SLAB => Request::ThawSlab {
@@ -461,12 +512,15 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             version,
             admin_key,
             session,
+            cap,
         } => {
-            put_header(out, id, op::HELLO, 22);
+            put_header(out, id, op::HELLO, 38);
             out.extend_from_slice(&MAGIC);
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&admin_key.to_le_bytes());
             out.extend_from_slice(&session.to_le_bytes());
+            out.extend_from_slice(&cap.0.to_le_bytes());
+            out.extend_from_slice(&cap.1.to_le_bytes());
         }
         Request::Read { at, len } => {
             put_header(out, id, op::READ, 28);
@@ -523,10 +577,11 @@ pub fn encode_request(out: &mut Vec<u8>, id: u64, req: &Request<'_>) {
             out.extend_from_slice(&ops.count.to_le_bytes());
             crate::copy::extend(out, ops.body);
         }
-        Request::CreateSlab { slab, key } => {
-            put_header(out, id, op::CREATE_SLAB, 16);
+        Request::CreateSlab { slab, key, owner } => {
+            put_header(out, id, op::CREATE_SLAB, 24);
             out.extend_from_slice(&slab.to_le_bytes());
             out.extend_from_slice(&key.to_le_bytes());
+            out.extend_from_slice(&owner.to_le_bytes());
         }
         Request::DropSlab { slab } => {
             put_header(out, id, op::DROP_SLAB, 8);
@@ -939,8 +994,9 @@ pub fn put_data_header(out: &mut Vec<u8>, id: u64, len: usize) {
     put_header(out, id, reply::DATA, len);
 }
 
-/// Encodes a handshake request with this crate's version.
-pub fn hello(out: &mut Vec<u8>, id: u64, admin_key: u64, session: u64) {
+/// Encodes a handshake request with this crate's version, authenticated
+/// by the admin key or by a slab capability `cap` (slab id, key).
+pub fn hello(out: &mut Vec<u8>, id: u64, admin_key: u64, session: u64, cap: (u64, u64)) {
     encode_request(
         out,
         id,
@@ -948,6 +1004,7 @@ pub fn hello(out: &mut Vec<u8>, id: u64, admin_key: u64, session: u64) {
             version: VERSION,
             admin_key,
             session,
+            cap,
         },
     );
 }
@@ -1081,7 +1138,7 @@ mod tests {
                 Request::Offload { at, op: OffloadOp::Probe { bucket_len: len, slots: x, key_len: y, val_len: z, max_buckets: y ^ z, fingerprint: b as u8, key: &data } },
                 Request::Offload { at, op: OffloadOp::Chase { slab_base: b, next_off: y, node_len: z, hops: y ^ 3 } },
                 Request::Offload { at, op: OffloadOp::Copy { dest: Target { slab: b, key: a, offset: a ^ b }, len } },
-                Request::Hello { version: 3, admin_key: a, session: b },
+                Request::Hello { version: crate::VERSION, admin_key: a, session: b, cap: (b, a) },
                 Request::Read { at, len },
                 Request::Write { at, data: &data },
                 Request::Swap { at, rid: a, data: &data },
@@ -1089,7 +1146,7 @@ mod tests {
                 Request::Commit { at, rid: b },
                 Request::Cas { at, expected: a, new: b, rid: a ^ 1 },
                 Request::Faa { at, delta: a, rid: b },
-                Request::CreateSlab { slab: a, key: b },
+                Request::CreateSlab { slab: a, key: b, owner: a ^ b },
                 Request::DropSlab { slab: a },
                 Request::ThawSlab { slab: b, new_key: a },
                 Request::ListSlabs { after: a, max: len },

@@ -12,6 +12,10 @@ pub const HEADER_LEN: usize = 4 + 8 + 2;
 /// Default maximum frame size (header included) accepted by every peer.
 pub const DEFAULT_MAX_FRAME: u32 = 16 << 20;
 
+/// A decoder's initial buffer (and what [`FrameDecoder::shrink`] usually
+/// keeps).
+pub const INITIAL_BUFFER: usize = 64 << 10;
+
 /// A decoded frame header plus a borrowed payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawFrame<'a> {
@@ -53,7 +57,11 @@ pub fn finish_frame(out: &mut [u8], start: usize) {
 /// them with [`FrameDecoder::filled`], then takes whole frames with
 /// [`FrameDecoder::peek`] and [`FrameDecoder::consume`]. A frame whose length
 /// field exceeds the maximum is an error before any of its payload is
-/// buffered, so a peer cannot make us allocate more than `max_frame`.
+/// buffered, so a peer cannot make us allocate more than `max_frame`; and
+/// the buffer grows only by the bytes a read asks for, never to the size a
+/// header merely claims, so a peer that sends half a large frame makes the
+/// decoder hold about half of it. [`FrameDecoder::shrink`] gives memory back
+/// after a large frame.
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
@@ -65,14 +73,60 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     /// A decoder accepting frames of at most `max_frame` bytes (header included).
+    ///
+    /// The buffer starts at [`INITIAL_BUFFER`] bytes, or `max_frame` if that
+    /// is smaller (a peer that has not shaken hands costs a few KiB).
     pub fn new(max_frame: u32) -> Self {
+        let max_frame = max_frame.max(HEADER_LEN as u32);
         FrameDecoder {
-            buf: vec![0; 64 << 10],
+            buf: vec![0; (max_frame as usize).min(INITIAL_BUFFER)],
             start: 0,
             end: 0,
-            max_frame: max_frame.max(HEADER_LEN as u32),
+            max_frame,
             peeked: 0,
         }
+    }
+
+    /// Bytes of memory the buffer holds (its capacity).
+    pub fn memory(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// How many bytes [`Self::spare`]`(min)` would add to [`Self::memory`]
+    /// (0 if it fits in the buffer as it is), so that a caller with a
+    /// memory budget can charge them first.
+    pub fn growth_for(&self, min: usize) -> usize {
+        let (start, end) = if self.start == self.end {
+            (0, 0)
+        } else {
+            (self.start, self.end)
+        };
+        if self.buf.len() - end >= min {
+            return 0;
+        }
+        let live = end - start;
+        let end = if start > 0 && live <= self.buf.len() / 4 {
+            live
+        } else {
+            end
+        };
+        (end + min).saturating_sub(self.buf.capacity())
+    }
+
+    /// Gives memory back: if the buffer is larger than `keep` bytes and the
+    /// unconsumed bytes fit in `keep`, they move to the front and the
+    /// buffer shrinks to `keep`.
+    pub fn shrink(&mut self, keep: usize) {
+        let keep = keep.max(HEADER_LEN);
+        let live = self.end - self.start;
+        if self.buf.capacity() <= keep || live > keep || self.peeked != 0 {
+            return;
+        }
+        move_to_front(&mut self.buf, self.start, self.end);
+        self.start = 0;
+        self.end = live;
+        self.buf.truncate(keep);
+        self.buf.shrink_to_fit();
     }
 
     /// The largest frame this decoder accepts.
@@ -102,7 +156,10 @@ impl FrameDecoder {
                 self.start = 0;
             }
             if self.buf.len() - self.end < min {
-                let want = (self.end + min).next_power_of_two();
+                // Exactly what this read needs: the capacity is reserved
+                // for it alone, and zero-filled memory is memory held.
+                let want = self.end + min;
+                self.buf.reserve_exact(want - self.buf.len());
                 self.buf.resize(want, 0);
             }
         }
@@ -250,6 +307,49 @@ mod tests {
         let mut d = FrameDecoder::new(100);
         feed(&mut d, &3u32.to_le_bytes());
         assert!(matches!(d.peek(), Err(DecodeError::FrameTooShort(3))));
+    }
+
+    #[test]
+    fn memory_follows_received_bytes_and_shrinks() {
+        let mut d = FrameDecoder::new(32 << 20);
+        assert_eq!(d.memory(), INITIAL_BUFFER);
+        // A header claiming 16 MiB, then 1 MiB of its payload in 64 KiB reads.
+        let mut hdr = Vec::new();
+        put_header(&mut hdr, 1, 2, 16 << 20);
+        feed(&mut d, &hdr);
+        let chunk = vec![7u8; 64 << 10];
+        for _ in 0..16 {
+            assert!(d.growth_for(chunk.len()) <= chunk.len());
+            feed(&mut d, &chunk);
+        }
+        assert!(d.peek().unwrap().is_none());
+        // About what arrived, not what the header claimed.
+        assert!(
+            d.memory() <= (1 << 20) + 2 * INITIAL_BUFFER,
+            "{}",
+            d.memory()
+        );
+        // Nothing shrinks under a partial frame larger than what is kept...
+        d.shrink(INITIAL_BUFFER);
+        assert!(d.memory() > INITIAL_BUFFER);
+        // ...but once the bytes are gone, the buffer is small again.
+        let mut d = FrameDecoder::new(32 << 20);
+        let mut wire = Vec::new();
+        let start = begin_frame(&mut wire, 9, 3);
+        wire.extend(std::iter::repeat_n(1u8, 1 << 20));
+        finish_frame(&mut wire, start);
+        wire.extend_from_slice(&hdr[..5]);
+        for c in wire.chunks(64 << 10) {
+            feed(&mut d, c);
+        }
+        assert_eq!(d.peek().unwrap().unwrap().id, 9);
+        d.consume();
+        d.shrink(INITIAL_BUFFER);
+        assert_eq!(d.memory(), INITIAL_BUFFER);
+        assert_eq!(d.buffered(), 5);
+        feed(&mut d, &hdr[5..]);
+        assert_eq!(d.needed(), 16 << 20);
+        assert_eq!(FrameDecoder::new(4096).memory(), 4096);
     }
 
     proptest! {

@@ -23,7 +23,20 @@ pub mod size;
 pub const MAGIC: [u8; 4] = *b"RMRA";
 
 /// Protocol version spoken by this build. Peers with another version are refused.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
+
+/// A tenant's tag on the data plane: a stable 64-bit digest of its name
+/// (FNV-1a), which the controller gives memory servers with each slab so
+/// that they can count a tenant's connections without knowing tenants.
+/// Never 0 (0 means "no owner").
+pub fn tenant_tag(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
 
 /// Why a byte sequence is not a valid frame or payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,6 +145,9 @@ error_codes! {
     /// lease and refuses data operations until it is confirmed a member
     /// again (it may have been declared dead and its data rebuilt elsewhere).
     Fenced = 15,
+    /// The server is at a limit (connections, the tenant's connections,
+    /// or its budget for buffered bytes): nothing was applied; retry later.
+    Overloaded = 16,
     /// Unknown or missing tenant token.
     Unauthenticated = 20,
     /// The allocation would exceed the tenant's quota.
@@ -173,6 +189,9 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::NotReady => "server not ready",
             ErrorCode::SlabFrozen => "slab is being moved",
             ErrorCode::Fenced => "server fenced (lost contact with the controller)",
+            ErrorCode::Overloaded => {
+                "server overloaded (a connection or buffer limit); retry later"
+            }
             ErrorCode::DataLost => "data lost",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Unauthenticated => "unauthenticated",

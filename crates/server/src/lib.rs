@@ -19,40 +19,50 @@
 //! Threading: one thread per connection. Each reads as many frames as have
 //! arrived, executes them in order, and writes all replies with one write
 //! before it blocks again, so pipelined requests cost one system call per
-//! burst rather than per request.
+//! burst rather than per request. The protocol itself lives in [`session`]
+//! (sans-IO); the thread only moves bytes.
+//!
+//! What a peer can make the server hold is bounded ([`admission`]):
+//! connections must authenticate in the handshake (admin key or a slab
+//! capability) within a deadline to count as clients; clients are limited
+//! in number, per tenant, and in the bytes their buffers hold; no socket
+//! I/O ever blocks while a lock is held that another request needs, and
+//! heartbeats take no data-path lock at all. A peer that stops reading
+//! slows only itself.
 
+pub mod admission;
 pub mod dedupe;
 pub mod offload;
 pub mod pool;
+pub mod session;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use remora_net::{FramedReader, LatencyInjector, NetError, RpcConn, Stream, TcpTransport};
+use remora_net::{LatencyInjector, NetError, RpcConn, TcpTransport};
 use remora_proto::ctl::{self, CtlReply, CtlRequest};
-use remora_proto::data::{
-    self, decode_request, put_data_header, put_error, BatchReplyWriter, Reply, Request, SubOp,
-    Target,
-};
-use remora_proto::frame::{DEFAULT_MAX_FRAME, HEADER_LEN};
+use remora_proto::data::{self, Reply, Request, Target};
+use remora_proto::frame::DEFAULT_MAX_FRAME;
 use remora_proto::{ErrorCode, VERSION};
 use tracing::{debug, info, warn};
 
+use admission::{Admission, Limits};
 pub use pool::SlabPool;
+use session::{Session, Step};
 
 /// Smallest maximum frame a server may be configured with.
 pub const MIN_MAX_FRAME: u32 = 64 << 10;
-/// Largest frame accepted before the handshake.
-const PRE_HANDSHAKE_MAX_FRAME: u32 = 4096;
-/// How long a new connection may take to send its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one send may block before the connection is dropped.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-/// Reads at least this large are sent straight from slab memory.
-const DIRECT_MIN: u32 = 16 << 10;
+/// How long a new connection may take to authenticate (the whole
+/// handshake, and all a connection without a credential may do).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long sending one burst of replies may take before the connection
+/// is dropped (a peer that reads slowly or not at all).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Smallest buffer budget a server may be configured with.
+pub const MIN_BUFFER_BUDGET: u64 = 32 << 20;
 
 /// Memory server configuration.
 #[derive(Debug, Clone)]
@@ -69,8 +79,20 @@ pub struct ServerConfig {
     pub inject_latency: Duration,
     /// Largest frame accepted (at least 64 KiB).
     pub max_frame: u32,
-    /// Most connections served at once; more are closed on accept.
+    /// Most authenticated client connections at once; more are refused
+    /// with `Overloaded` in their handshake.
     pub max_connections: usize,
+    /// Most authenticated connections of one tenant at once.
+    pub max_connections_per_tenant: usize,
+    /// Most connections that have not authenticated yet, at once; more are
+    /// closed on accept.
+    pub max_unauthenticated: usize,
+    /// An authenticated connection that sends nothing for this long is
+    /// closed (clients reconnect on their next request).
+    pub idle_timeout: Duration,
+    /// Bytes all connections' receive and reply buffers may hold together
+    /// (at least [`MIN_BUFFER_BUDGET`]).
+    pub buffer_budget: u64,
     /// Secret the controller requires from servers that register.
     pub cluster_secret: Option<String>,
 }
@@ -85,6 +107,10 @@ impl Default for ServerConfig {
             inject_latency: Duration::ZERO,
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 4096,
+            max_connections_per_tenant: 1024,
+            max_unauthenticated: 256,
+            idle_timeout: Duration::from_secs(600),
+            buffer_budget: 256 << 20,
             cluster_secret: None,
         }
     }
@@ -115,7 +141,8 @@ struct Shared {
     cfg: ServerConfig,
     pool: OnceLock<SlabPool>,
     latency: LatencyInjector,
-    connections: AtomicU64,
+    /// Connection slots and the buffer budget.
+    admission: Admission,
     /// Clock origin of `lease_until`.
     born: Instant,
     /// Data operations are served until this many nanoseconds after `born`
@@ -126,6 +153,27 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(cfg: ServerConfig) -> Self {
+        Shared {
+            id: nonzero_random(),
+            admin_key: nonzero_random(),
+            latency: LatencyInjector::new(cfg.inject_latency),
+            admission: Admission::new(
+                Limits {
+                    max_connections: cfg.max_connections,
+                    max_per_tenant: cfg.max_connections_per_tenant,
+                    max_pending: cfg.max_unauthenticated,
+                },
+                usize::try_from(cfg.buffer_budget).unwrap_or(usize::MAX),
+            ),
+            cfg,
+            pool: OnceLock::new(),
+            born: Instant::now(),
+            lease_until: AtomicU64::new(0),
+            dedupe: Default::default(),
+        }
+    }
+
     fn nanos(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.born).as_nanos() as u64
     }
@@ -170,9 +218,13 @@ impl ServerHandle {
 /// Binds the listen address and starts the acceptor and registration threads.
 pub fn start(mut cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     cfg.max_frame = cfg.max_frame.max(MIN_MAX_FRAME);
+    cfg.buffer_budget = cfg.buffer_budget.max(MIN_BUFFER_BUDGET);
+    cfg.max_connections_per_tenant = cfg.max_connections_per_tenant.max(1);
+    cfg.max_unauthenticated = cfg.max_unauthenticated.max(1);
     if cfg.capacity == 0 {
         return Err(ServerError::ZeroCapacity);
     }
+    return_freed_memory();
     let listener = TcpListener::bind(&cfg.listen).map_err(|source| ServerError::Bind {
         addr: cfg.listen.clone(),
         source,
@@ -185,17 +237,7 @@ pub fn start(mut cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
         })?
         .to_string();
     let addr = cfg.advertise.clone().unwrap_or(bound);
-    let shared = Arc::new(Shared {
-        id: nonzero_random(),
-        admin_key: nonzero_random(),
-        latency: LatencyInjector::new(cfg.inject_latency),
-        cfg,
-        pool: OnceLock::new(),
-        connections: AtomicU64::new(0),
-        born: Instant::now(),
-        lease_until: AtomicU64::new(0),
-        dedupe: Default::default(),
-    });
+    let shared = Arc::new(Shared::new(cfg));
     {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -229,25 +271,42 @@ fn nonzero_random() -> u64 {
     }
 }
 
+/// Makes glibc give freed buffers back to the system at once: large
+/// allocations (128 KiB and up: slabs, large frames and replies) are always
+/// their own mappings, unmapped when freed. Without this, glibc raises its
+/// mapping threshold after the first large free and keeps later large
+/// buffers in its heap, where a burst of large frames leaves the process
+/// holding hundreds of MiB (and zeroed slabs would be written, not mapped).
+fn return_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: mallopt only changes allocator parameters; it is called
+        // once, before this server allocates its buffers, with valid
+        // parameter codes.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 20);
+        }
+    });
+}
+
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     for s in listener.incoming() {
         match s {
             Ok(s) => {
-                if shared.connections.load(Ordering::Relaxed) >= shared.cfg.max_connections as u64 {
+                if shared.admission.open().0 >= shared.cfg.max_unauthenticated {
                     // Over the limit: refuse by closing at once.
-                    debug!("refusing a connection: {} open", shared.cfg.max_connections);
+                    debug!(
+                        "refusing a connection: {} not yet authenticated",
+                        shared.cfg.max_unauthenticated
+                    );
                     continue;
                 }
-                shared.connections.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("remora-conn".into())
-                    .spawn({
-                        let shared = shared.clone();
-                        move || serve(s, shared)
-                    });
+                    .spawn(move || serve(s, shared));
                 if let Err(e) = spawned {
-                    shared.connections.fetch_sub(1, Ordering::Relaxed);
                     warn!("cannot start a connection thread: {e}");
                 }
             }
@@ -384,452 +443,182 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
     }
 }
 
-struct ConnState {
-    admin: bool,
-    greeted: bool,
-    session: u64,
-    scratch: Vec<u8>,
-}
-
-fn serve(stream: TcpStream, shared: Arc<Shared>) {
+/// One connection's thread: moves bytes between the socket and its
+/// [`Session`].
+fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+    let accepted = Instant::now();
+    let Some(ticket) = shared.admission.accept() else {
+        debug!("refusing a connection: too many not yet authenticated");
+        return;
+    };
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
     let _ = stream.set_nodelay(true);
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
-        Err(e) => {
-            warn!("{peer}: {e}");
-            shared.connections.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-    };
-    // Until the handshake: small frames only, and a deadline to send it.
-    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-    // A client that takes no replies for this long is dropped: the server
-    // never blocks forever on a send, least of all holding a slab lock.
     let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
-    let boxed: Box<dyn Stream> = Box::new(stream);
-    let mut reader = FramedReader::new(boxed, &peer, PRE_HANDSHAKE_MAX_FRAME, shared.latency);
-    let mut st = ConnState {
-        admin: false,
-        greeted: false,
-        session: 0,
-        scratch: Vec::new(),
-    };
-    let mut out: Vec<u8> = Vec::with_capacity(256 << 10);
-    let result = (|| -> Result<(), NetError> {
-        loop {
-            loop {
-                let f = match reader.try_frame() {
-                    Ok(Some(f)) => f,
-                    Ok(None) => break,
-                    Err(NetError::Decode { source, .. }) => {
-                        // The framing is broken (oversized or undersized
-                        // length): say why, then hang up, as the stream
-                        // cannot be resynchronised.
-                        let code = match source {
-                            remora_proto::DecodeError::FrameTooLarge { .. } => {
-                                ErrorCode::FrameTooLarge
-                            }
-                            _ => ErrorCode::Malformed,
-                        };
-                        put_error(&mut out, 0, code, &source.to_string());
-                        let _ = writer.write_all(&out);
-                        return Ok(());
-                    }
-                    Err(e) => return Err(e),
-                };
-                let (id, kind) = (f.id, f.kind);
-                let was_greeted = st.greeted;
-                let req = decode_request(kind, f.payload);
-                if st.greeted && (st.admin || shared.leased()) {
-                    if let Ok(Request::Read { at, len }) = req {
-                        if len >= DIRECT_MIN
-                            && len as usize <= shared.cfg.max_frame as usize - HEADER_LEN
-                        {
-                            if let Some(pool) = shared.pool.get() {
-                                flush(&mut writer, &mut out, &peer)?;
-                                match send_direct(pool, &mut writer, id, &at, len) {
-                                    Ok(true) => {
-                                        reader.consume();
-                                        continue;
-                                    }
-                                    // Refused (bad key, range, ...): the
-                                    // ordinary path sends the error.
-                                    Ok(false) => {}
-                                    Err(source) => {
-                                        return Err(NetError::Io {
-                                            op: "write to",
-                                            addr: peer.clone(),
-                                            source,
-                                        })
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                let keep = handle(&shared, &mut st, id, req, &mut out);
-                reader.consume();
-                if st.greeted && !was_greeted {
-                    reader.set_max_frame(shared.cfg.max_frame);
-                    let _ = reader.stream().set_read_timeout(None);
-                }
-                if !keep {
-                    let _ = writer.write_all(&out);
-                    return Ok(());
-                }
-                if out.len() >= 256 << 10 {
-                    flush(&mut writer, &mut out, &peer)?;
-                }
-            }
-            flush(&mut writer, &mut out, &peer)?;
-            if !reader.fill()? && !st.greeted {
-                debug!("{peer}: no handshake within {HANDSHAKE_TIMEOUT:?}");
-                return Ok(());
-            }
-        }
-    })();
-    shared.connections.fetch_sub(1, Ordering::Relaxed);
+    let mut sess = Session::new(&shared, ticket);
+    let result = drive(&mut stream, &shared, &mut sess, accepted);
     match result {
-        Ok(()) | Err(NetError::Closed { .. }) => debug!("{peer}: connection closed"),
+        Ok(()) => debug!("{peer}: connection closed"),
         Err(e) => debug!("{peer}: {e}"),
     }
 }
 
-/// Sends a large read's reply straight from slab memory (header and slab
-/// bytes in one `writev`), saving the copy into the reply buffer. Holds the
-/// slab's read lock for the send, which [`SEND_TIMEOUT`] bounds. `Ok(false)`
-/// when the read is refused (the caller replies with the error).
-fn send_direct(
-    pool: &SlabPool,
-    w: &mut TcpStream,
+fn drive(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    sess: &mut Session<'_>,
+    accepted: Instant,
+) -> std::io::Result<()> {
+    // The read timeout in force: the handshake's remaining time while
+    // pending, then the idle timeout.
+    let mut timeout = None;
+    loop {
+        loop {
+            match sess.step() {
+                Step::Read => break,
+                Step::Send => {}
+                Step::Close => {
+                    let _ = send_all(stream, sess.out());
+                    return Ok(());
+                }
+                Step::Direct { id, at, len } => {
+                    send_all(stream, sess.out())?;
+                    sess.settle();
+                    direct(stream, sess, id, &at, len)?;
+                }
+                Step::Copy(job) => {
+                    let r = match shared.pool.get() {
+                        Some(pool) => {
+                            copy_slab(pool, job.slab, &job.dest_addr, job.dest_slab, job.dest_key)
+                        }
+                        None => Err((ErrorCode::NotReady, "server not ready".into())),
+                    };
+                    sess.copied(job.id, r);
+                }
+            }
+            send_all(stream, sess.out())?;
+            sess.settle();
+        }
+        send_all(stream, sess.out())?;
+        sess.settle();
+        let want = if sess.is_pending() {
+            let left = HANDSHAKE_TIMEOUT.saturating_sub(accepted.elapsed());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("not authenticated within {HANDSHAKE_TIMEOUT:?}"),
+                ));
+            }
+            // Rounded up, so that a deadline is never a zero timeout.
+            Some(left.max(Duration::from_millis(1)))
+        } else {
+            Some(shared.cfg.idle_timeout.max(Duration::from_millis(1)))
+        };
+        // Only when it changes: once authenticated, one setsockopt in all.
+        if want != timeout {
+            stream.set_read_timeout(want)?;
+            timeout = want;
+        }
+        let spare = match sess.spare() {
+            Ok(s) => s,
+            Err(()) => {
+                let _ = send_all(stream, sess.out());
+                return Err(std::io::Error::other("buffer budget spent"));
+            }
+        };
+        match stream.read(spare) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                let arrival = Instant::now();
+                sess.filled(n);
+                if !shared.latency.delay().is_zero() && sess.has_frame() {
+                    shared.latency.hold(arrival);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if !sess.is_pending() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("idle for {:?}", shared.cfg.idle_timeout),
+                    ));
+                }
+                // Pending: the loop checks the handshake deadline.
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends a large read's reply straight from slab memory: the header and
+/// slab bytes go out with one non-blocking `writev` under the slab's read
+/// lock (so the lock is never held while the peer is slow); whatever the
+/// socket did not take is copied out and sent after the lock is released.
+fn direct(
+    stream: &mut TcpStream,
+    sess: &mut Session<'_>,
     id: u64,
     at: &Target,
     len: u32,
-) -> std::io::Result<bool> {
-    let r = pool.read(at, len, |bytes| {
-        let mut hdr = Vec::with_capacity(HEADER_LEN);
-        put_data_header(&mut hdr, id, bytes.len());
-        let mut bufs = [std::io::IoSlice::new(&hdr), std::io::IoSlice::new(bytes)];
+) -> std::io::Result<()> {
+    stream.set_nonblocking(true)?;
+    let r = sess.direct_read(id, at, len, |hdr, bytes| {
+        let mut bufs = [std::io::IoSlice::new(hdr), std::io::IoSlice::new(bytes)];
         let mut left: &mut [std::io::IoSlice<'_>] = &mut bufs;
+        let mut sent = 0;
         while !left.is_empty() {
-            match w.write_vectored(left) {
+            match stream.write_vectored(left) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => std::io::IoSlice::advance_slices(&mut left, n),
+                Ok(n) => {
+                    sent += n;
+                    std::io::IoSlice::advance_slices(&mut left, n);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(sent)
     });
-    match r {
-        Ok(sent) => sent.map(|()| true),
-        Err(_) => Ok(false),
-    }
-}
-
-fn flush(w: &mut TcpStream, out: &mut Vec<u8>, peer: &str) -> Result<(), NetError> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    w.write_all(out).map_err(|source| NetError::Io {
-        op: "write to",
-        addr: peer.to_string(),
-        source,
-    })?;
-    out.clear();
+    stream.set_nonblocking(false)?;
+    r?;
+    send_all(stream, sess.out())?;
+    sess.settle();
     Ok(())
 }
 
-/// Executes one request and appends its reply. Returns false to close the connection.
-fn handle(
-    shared: &Shared,
-    st: &mut ConnState,
-    id: u64,
-    req: Result<Request<'_>, remora_proto::DecodeError>,
-    out: &mut Vec<u8>,
-) -> bool {
-    let req = match req {
-        Ok(r) => r,
-        Err(e) => {
-            put_error(out, id, ErrorCode::Malformed, &e.to_string());
-            return st.greeted;
+/// Sends `buf` and clears it. One burst may take at most [`SEND_TIMEOUT`]
+/// in all (each write blocks at most that long, and no new write starts
+/// after it), so a peer that reads a trickle cannot hold the thread.
+fn send_all(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut off = 0;
+    let mut started = None;
+    while off < buf.len() {
+        match stream.write(&buf[off..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-    };
-    if !st.greeted {
-        return match req {
-            Request::Hello {
-                version,
-                admin_key,
-                session,
-            } => {
-                if version != VERSION {
-                    put_error(
-                        out,
-                        id,
-                        ErrorCode::UnsupportedVersion,
-                        &format!("server speaks protocol version {VERSION}, client {version}"),
-                    );
-                    return false;
-                }
-                st.greeted = true;
-                st.admin = admin_key != 0 && admin_key == shared.admin_key;
-                st.session = session;
-                data::encode_reply(
-                    out,
-                    id,
-                    &Reply::HelloOk {
-                        version: VERSION,
-                        server_id: shared.id,
-                        slab_size: shared.pool.get().map_or(0, |p| p.slab_size()),
-                        max_frame: shared.cfg.max_frame,
-                    },
-                );
-                true
+        if off < buf.len() {
+            let t = *started.get_or_insert_with(Instant::now);
+            if t.elapsed() > SEND_TIMEOUT {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer took no replies for {SEND_TIMEOUT:?}"),
+                ));
             }
-            _ => {
-                put_error(
-                    out,
-                    id,
-                    ErrorCode::HandshakeRequired,
-                    "send a handshake first",
-                );
-                false
-            }
-        };
-    }
-    let Some(pool) = shared.pool.get() else {
-        put_error(
-            out,
-            id,
-            ErrorCode::NotReady,
-            "server has not registered with a controller yet",
-        );
-        return true;
-    };
-    let control = matches!(
-        req,
-        Request::CreateSlab { .. }
-            | Request::DropSlab { .. }
-            | Request::ListSlabs { .. }
-            | Request::ThawSlab { .. }
-            | Request::CopySlab { .. }
-            | Request::ReadSlab { .. }
-            | Request::FreezeSlab { .. }
-    );
-    if control && !st.admin {
-        put_error(
-            out,
-            id,
-            ErrorCode::NotAuthorized,
-            "control operations need the admin key",
-        );
-        return true;
-    }
-    if !control && !st.admin && !shared.leased() && !matches!(req, Request::Stats) {
-        put_error(
-            out,
-            id,
-            ErrorCode::Fenced,
-            "server has not heard from the controller within its lease; try another copy or later",
-        );
-        return true;
-    }
-    let max_reply = shared.cfg.max_frame as usize - HEADER_LEN;
-    match req {
-        Request::Hello { .. } => put_error(out, id, ErrorCode::Malformed, "handshake already done"),
-        Request::Read { at, len } => {
-            if !too_large(out, id, len, max_reply) {
-                let r = pool.read(&at, len, |bytes| {
-                    put_data_header(out, id, bytes.len());
-                    remora_proto::copy::extend(out, bytes);
-                });
-                if let Err(code) = r {
-                    put_error(out, id, code, &describe(code, &at));
-                }
-            }
-        }
-        Request::Write { at, data } => match pool.write(&at, data) {
-            Ok(()) => data::encode_reply(out, id, &Reply::Done),
-            Err(code) => put_error(out, id, code, &describe(code, &at)),
-        },
-        Request::Cas {
-            at,
-            expected,
-            new,
-            rid,
-        } => match once(shared, st.session, rid, || pool.cas(&at, expected, new)) {
-            Ok(v) => data::encode_reply(out, id, &Reply::Value(v)),
-            Err(code) => put_error(out, id, code, &describe(code, &at)),
-        },
-        Request::Faa { at, delta, rid } => {
-            match once(shared, st.session, rid, || pool.faa(&at, delta)) {
-                Ok(v) => data::encode_reply(out, id, &Reply::Value(v)),
-                Err(code) => put_error(out, id, code, &describe(code, &at)),
-            }
-        }
-        Request::Swap { at, rid, data } => {
-            let r = pool.swap(&at, st.session, rid, data, |old| {
-                put_data_header(out, id, old.len());
-                remora_proto::copy::extend(out, old);
-            });
-            if let Err(code) = r {
-                put_error(out, id, code, &describe(code, &at));
-            }
-        }
-        Request::Xor { at, rid, data } => {
-            match once(shared, st.session, rid, || pool.xor(&at, data).map(|()| 0)) {
-                Ok(_) => data::encode_reply(out, id, &Reply::Done),
-                Err(code) => put_error(out, id, code, &describe(code, &at)),
-            }
-        }
-        Request::Offload { at, op } => {
-            if let Err((code, msg)) = offload::execute(pool, &at, &op, id, max_reply, out) {
-                put_error(out, id, code, &msg);
-            }
-        }
-        Request::Commit { at, rid } => match pool.commit(&at, st.session, rid) {
-            Ok(()) => data::encode_reply(out, id, &Reply::Done),
-            Err(code) => put_error(out, id, code, &describe(code, &at)),
-        },
-        Request::FreezeSlab { slab } => match pool.freeze(slab) {
-            Ok(n) => data::encode_reply(out, id, &Reply::Value(n)),
-            Err(code) => put_error(out, id, code, &format!("freeze slab {slab}: {code}")),
-        },
-        Request::ReadSlab { slab, offset, len } => {
-            if !too_large(out, id, len, max_reply) {
-                match pool.read_admin(slab, offset, &mut st.scratch, len as usize) {
-                    Ok(()) => {
-                        put_data_header(out, id, st.scratch.len());
-                        remora_proto::copy::extend(out, &st.scratch);
-                    }
-                    Err(code) => put_error(out, id, code, &format!("read slab {slab}: {code}")),
-                }
-            }
-        }
-        Request::Batch(ops) => {
-            let mut w = BatchReplyWriter::begin(out, id);
-            // Reserve room for the count and for the largest non-data
-            // result of every sub-operation, so the reply always fits.
-            let mut reply_bytes = 4 + ops.len() as usize * 10;
-            for sub in ops.iter() {
-                match sub {
-                    Ok(SubOp::Read { at, len }) => {
-                        if reply_bytes + len as usize + 6 > max_reply {
-                            w.error(out, ErrorCode::FrameTooLarge);
-                            continue;
-                        }
-                        reply_bytes += len as usize + 6;
-                        let r = pool.read(&at, len, |bytes| {
-                            w.data(out, bytes.len(), |d| remora_proto::copy::copy(d, bytes))
-                        });
-                        if let Err(code) = r {
-                            w.error(out, code);
-                        }
-                    }
-                    Ok(SubOp::Write { at, data }) => match pool.write(&at, data) {
-                        Ok(()) => w.done(out),
-                        Err(code) => w.error(out, code),
-                    },
-                    Ok(SubOp::Cas { at, expected, new }) => match pool.cas(&at, expected, new) {
-                        Ok(v) => w.value(out, v),
-                        Err(code) => w.error(out, code),
-                    },
-                    Ok(SubOp::Faa { at, delta }) => match pool.faa(&at, delta) {
-                        Ok(v) => w.value(out, v),
-                        Err(code) => w.error(out, code),
-                    },
-                    Err(_) => w.error(out, ErrorCode::Malformed),
-                }
-            }
-            w.finish(out);
-        }
-        Request::CreateSlab { slab, key } => match pool.create(slab, key) {
-            Ok(()) => data::encode_reply(out, id, &Reply::Done),
-            Err(code) => put_error(out, id, code, &format!("create slab {slab}: {code}")),
-        },
-        Request::DropSlab { slab } => match pool.drop_slab(slab) {
-            Ok(()) => data::encode_reply(out, id, &Reply::Done),
-            Err(code) => put_error(out, id, code, &format!("drop slab {slab}: {code}")),
-        },
-        Request::ListSlabs { after, max } => {
-            let max = (max as usize).min(max_reply / 8);
-            let ids = pool.list(after, max);
-            put_data_header(out, id, ids.len() * 8);
-            for i in ids {
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-        }
-        Request::ThawSlab { slab, new_key } => match (if new_key != 0 {
-            pool.rekey(slab, new_key)
-        } else {
-            Ok(())
-        })
-        .and_then(|()| pool.set_frozen(slab, false))
-        {
-            Ok(()) => data::encode_reply(out, id, &Reply::Done),
-            Err(code) => put_error(out, id, code, &format!("thaw slab {slab}: {code}")),
-        },
-        Request::CopySlab {
-            slab,
-            dest_slab,
-            dest_key,
-            dest_addr,
-        } => match copy_slab(pool, slab, dest_addr, dest_slab, dest_key, &mut st.scratch) {
-            Ok(()) => data::encode_reply(out, id, &Reply::Done),
-            Err((code, msg)) => put_error(out, id, code, &msg),
-        },
-        Request::Stats => {
-            let mut s = pool.stats();
-            s.connections = shared.connections.load(Ordering::Relaxed);
-            data::encode_reply(out, id, &Reply::Stats(s));
         }
     }
-    true
-}
-
-/// Replies FrameTooLarge to a read whose reply would not fit in a frame;
-/// true if it did.
-fn too_large(out: &mut Vec<u8>, id: u64, len: u32, max_reply: usize) -> bool {
-    let big = len as usize > max_reply;
-    if big {
-        put_error(
-            out,
-            id,
-            ErrorCode::FrameTooLarge,
-            &format!("read of {len} bytes exceeds the maximum reply of {max_reply}"),
-        );
-    }
-    big
-}
-
-/// Applies an atomic once per (session, request id): a retry of one that
-/// was applied gets its first result. Request id 0 opts out.
-fn once(
-    shared: &Shared,
-    session: u64,
-    rid: u64,
-    apply: impl FnOnce() -> Result<u64, ErrorCode>,
-) -> Result<u64, ErrorCode> {
-    if rid == 0 {
-        return apply();
-    }
-    // Held across the apply so that two retries racing on two connections
-    // cannot both apply; atomics are short.
-    let mut d = shared.dedupe.shard(session, rid);
-    if let Some(v) = d.get(session, rid) {
-        return Ok(v);
-    }
-    let v = apply()?;
-    d.put(session, rid, v);
-    Ok(v)
-}
-
-fn describe(code: ErrorCode, at: &Target) -> String {
-    format!("slab {} offset {}: {code}", at.slab, at.offset)
+    buf.clear();
+    Ok(())
 }
 
 /// Copies a whole slab to another server in 1 MiB writes.
@@ -839,8 +628,8 @@ fn copy_slab(
     dest_addr: &str,
     dest_slab: u64,
     dest_key: u64,
-    buf: &mut Vec<u8>,
 ) -> Result<(), (ErrorCode, String)> {
+    let mut buf = Vec::new();
     pool.set_frozen(slab, true)
         .map_err(|c| (c, format!("copy slab {slab}: {c}")))?;
     let unavailable = |e: NetError| {
@@ -869,7 +658,7 @@ fn copy_slab(
         }
     };
     check(
-        conn.call(|b, id| data::hello(b, id, 0, 0))
+        conn.call(|b, id| data::hello(b, id, 0, 0, (dest_slab, dest_key)))
             .map_err(unavailable)?,
     )?;
     let started = Instant::now();
@@ -878,14 +667,14 @@ fn copy_slab(
     let mut off = 0;
     while off < size {
         let n = chunk.min(size - off) as usize;
-        pool.read_admin(slab, off, buf, n)
+        pool.read_admin(slab, off, &mut buf, n)
             .map_err(|c| (c, format!("copy slab {slab}: {c}")))?;
         let at = Target {
             slab: dest_slab,
             key: dest_key,
             offset: off,
         };
-        let data: &[u8] = buf;
+        let data: &[u8] = &buf;
         check(
             conn.call(|b, id| data::encode_request(b, id, &Request::Write { at, data }))
                 .map_err(unavailable)?,

@@ -447,7 +447,7 @@ mod tests {
     fn pool() -> SlabPool {
         let p = SlabPool::new(4 * SLAB, SLAB);
         for slab in 1..=3 {
-            p.create(slab, KEY + slab).unwrap();
+            p.create(slab, KEY + slab, 0).unwrap();
         }
         p
     }

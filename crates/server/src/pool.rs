@@ -1,12 +1,20 @@
 //! The slab pool: a server's capacity carved into fixed-size slabs.
 //!
-//! Concurrency contract: the slab table is behind a reader-writer lock that
-//! data operations take shared and create/drop take exclusive; each slab's
-//! bytes are behind their own reader-writer lock that reads take shared and
-//! writes and atomics take exclusive. So every operation on one slab is
-//! linearizable (an atomic never interleaves with a write of the same slab),
-//! reads of one slab run in parallel, and dropping a slab waits for the
-//! operations already inside it. No `unsafe` is needed.
+//! Concurrency contract: the slab table maps ids to reference-counted slabs
+//! behind a reader-writer lock that is held only to look a slab up (an
+//! operation clones the slab's handle and lets the table go) or to insert
+//! and remove one; nothing else, least of all socket I/O, ever runs under
+//! it, so creating or dropping a slab never waits for another slab's
+//! operations. Each slab's bytes are behind their own reader-writer lock
+//! that reads take shared and writes and atomics take exclusive, so every
+//! operation on one slab is linearizable (an atomic never interleaves with a
+//! write of the same slab) and reads of one slab run in parallel. Callers
+//! must not block on anything but memory while inside a slab's lock (the
+//! server sends large reads from slab memory only with non-blocking
+//! writes). A dropped slab's memory is freed when the last operation that
+//! looked it up before the drop finishes. The number of slabs in use is an
+//! atomic counter, so heartbeats and statistics take no lock at all. No
+//! `unsafe` is needed.
 //!
 //! Slab memory comes from a zeroed allocation, which the allocator serves from
 //! fresh anonymous pages: capacity is reserved in slab counts, but physical
@@ -14,17 +22,28 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use remora_proto::data::{ServerStats, Target};
 use remora_proto::ErrorCode;
 
-/// One slab: its capability and bytes.
+/// One slab: its capability, its owner and its bytes.
 #[derive(Debug)]
 struct Slab {
-    key: u64,
+    /// The capability key; changed only under the data lock (see
+    /// [`SlabPool::rekey`]).
+    key: AtomicU64,
+    /// The owning tenant's tag (0: unknown).
+    owner: u64,
     data: RwLock<SlabData>,
+}
+
+impl Slab {
+    fn key(&self) -> u64 {
+        self.key.load(Ordering::Acquire)
+    }
 }
 
 /// A slab's bytes, whether it is frozen (being moved or rebuilt), and the
@@ -80,7 +99,9 @@ pub struct SlabPool {
     capacity: u64,
     slab_size: u64,
     total: u64,
-    slabs: RwLock<HashMap<u64, Slab>>,
+    slabs: RwLock<HashMap<u64, Arc<Slab>>>,
+    /// Slabs in the table (changed under its write lock, read without it).
+    used: AtomicU64,
     /// Operation counters.
     pub counters: Counters,
 }
@@ -94,6 +115,7 @@ impl SlabPool {
             slab_size,
             total: capacity / slab_size,
             slabs: RwLock::new(HashMap::new()),
+            used: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -108,49 +130,85 @@ impl SlabPool {
         self.total
     }
 
-    /// Slabs in use.
+    /// Slabs in use (no lock: heartbeats and statistics read this).
     pub fn used_slabs(&self) -> u64 {
-        self.slabs.read().len() as u64
+        self.used.load(Ordering::Acquire)
     }
 
-    /// Creates slab `id` with capability `key`.
-    pub fn create(&self, id: u64, key: u64) -> Result<(), ErrorCode> {
+    /// The slab `id`, looked up under the table lock, which is released at
+    /// once.
+    fn get(&self, id: u64) -> Result<Arc<Slab>, ErrorCode> {
+        self.slabs
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or(ErrorCode::UnknownSlab)
+    }
+
+    /// Creates slab `id` with capability `key`, owned by the tenant whose
+    /// tag is `owner`.
+    pub fn create(&self, id: u64, key: u64, owner: u64) -> Result<(), ErrorCode> {
+        if self.slabs.read().contains_key(&id) {
+            return Err(ErrorCode::SlabExists);
+        }
+        if self.used_slabs() >= self.total {
+            return Err(ErrorCode::OutOfCapacity);
+        }
+        let len = usize::try_from(self.slab_size).map_err(|_| ErrorCode::OutOfCapacity)?;
+        // A zeroed allocation, made outside the table lock: large ones come
+        // straight from fresh anonymous pages, so nothing is touched until
+        // written; failure is an error, not an abort.
+        let data = bytemuck::allocation::try_zeroed_slice_box::<u8>(len)
+            .map_err(|_| ErrorCode::OutOfCapacity)?;
+        let slab = Arc::new(Slab {
+            key: AtomicU64::new(key),
+            owner,
+            data: RwLock::new(SlabData {
+                bytes: data,
+                frozen: false,
+                swaps: HashMap::new(),
+                markers: Default::default(),
+                swept: Instant::now(),
+                record_bytes: 0,
+            }),
+        });
         let mut t = self.slabs.write();
+        // Checked again: another creation may have won meanwhile.
         if t.contains_key(&id) {
             return Err(ErrorCode::SlabExists);
         }
         if t.len() as u64 >= self.total {
             return Err(ErrorCode::OutOfCapacity);
         }
-        let len = usize::try_from(self.slab_size).map_err(|_| ErrorCode::OutOfCapacity)?;
-        // A zeroed allocation: large ones come straight from fresh anonymous
-        // pages, so nothing is touched until written; failure is an error,
-        // not an abort.
-        let data = bytemuck::allocation::try_zeroed_slice_box::<u8>(len)
-            .map_err(|_| ErrorCode::OutOfCapacity)?;
-        t.insert(
-            id,
-            Slab {
-                key,
-                data: RwLock::new(SlabData {
-                    bytes: data,
-                    frozen: false,
-                    swaps: HashMap::new(),
-                    markers: Default::default(),
-                    swept: Instant::now(),
-                    record_bytes: 0,
-                }),
-            },
-        );
+        t.insert(id, slab);
+        self.used.store(t.len() as u64, Ordering::Release);
         Ok(())
     }
 
-    /// Drops slab `id`, freeing its memory.
+    /// Drops slab `id`; its memory is freed once the operations that
+    /// already hold it finish.
     pub fn drop_slab(&self, id: u64) -> Result<(), ErrorCode> {
-        match self.slabs.write().remove(&id) {
+        let gone = {
+            let mut t = self.slabs.write();
+            let gone = t.remove(&id);
+            self.used.store(t.len() as u64, Ordering::Release);
+            gone
+        };
+        // Freed here, outside the table lock.
+        match gone {
             Some(_) => Ok(()),
             None => Err(ErrorCode::UnknownSlab),
         }
+    }
+
+    /// The owner tag of slab `id` if `key` is its capability (a connection
+    /// presenting it in its handshake is authenticated as that tenant).
+    pub fn authenticate(&self, id: u64, key: u64) -> Result<u64, ErrorCode> {
+        let slab = self.get(id)?;
+        if slab.key() != key {
+            return Err(ErrorCode::BadCapability);
+        }
+        Ok(slab.owner)
     }
 
     fn range(
@@ -159,7 +217,7 @@ impl SlabPool {
         at: &Target,
         len: u64,
     ) -> Result<std::ops::Range<usize>, ErrorCode> {
-        if slab.key != at.key {
+        if slab.key() != at.key {
             return Err(ErrorCode::BadCapability);
         }
         span(self.slab_size, at.offset, len)
@@ -174,15 +232,14 @@ impl SlabPool {
         at: &Target,
         f: impl FnOnce(&[u8]) -> Result<R, ErrorCode>,
     ) -> Result<R, ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(at.slab)?;
         let data = slab.data.read();
         // Frozen first: while a slab is rekeyed during a rebuild, clients
         // holding either key are told to wait, not that their key is bad.
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
-        if slab.key != at.key {
+        if slab.key() != at.key {
             return Err(ErrorCode::BadCapability);
         }
         let r = f(&data.bytes)?;
@@ -212,16 +269,15 @@ impl SlabPool {
     /// checked as for a read, the destination as for a write; a frozen
     /// slab refuses it.
     pub fn copy(&self, from: &Target, to: &Target, len: u64) -> Result<(), ErrorCode> {
-        let t = self.slabs.read();
-        let src = t.get(&from.slab).ok_or(ErrorCode::UnknownSlab)?;
-        let dst = t.get(&to.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let src = self.get(from.slab)?;
+        let dst = self.get(to.slab)?;
         if from.slab == to.slab {
             let mut data = src.data.write();
             if data.frozen {
                 return Err(ErrorCode::SlabFrozen);
             }
-            let rs = self.range(src, from, len)?;
-            let rd = self.range(dst, to, len)?;
+            let rs = self.range(&src, from, len)?;
+            let rd = self.range(&dst, to, len)?;
             data.bytes.copy_within(rs, rd.start);
         } else {
             // Two slabs are locked in the order of their ids, so that
@@ -236,8 +292,8 @@ impl SlabPool {
             if s.frozen || d.frozen {
                 return Err(ErrorCode::SlabFrozen);
             }
-            let rs = self.range(src, from, len)?;
-            let rd = self.range(dst, to, len)?;
+            let rs = self.range(&src, from, len)?;
+            let rd = self.range(&dst, to, len)?;
             remora_proto::copy::copy(&mut d.bytes[rd], &s.bytes[rs]);
         }
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
@@ -250,13 +306,12 @@ impl SlabPool {
 
     /// Writes `bytes` at `at`.
     pub fn write(&self, at: &Target, bytes: &[u8]) -> Result<(), ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(at.slab)?;
         let mut data = slab.data.write();
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
-        let r = self.range(slab, at, bytes.len() as u64)?;
+        let r = self.range(&slab, at, bytes.len() as u64)?;
         remora_proto::copy::copy(&mut data.bytes[r], bytes);
         self.counters.ops.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -266,13 +321,12 @@ impl SlabPool {
     }
 
     fn atomic(&self, at: &Target, f: impl FnOnce(u64) -> u64) -> Result<u64, ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(at.slab)?;
         let mut data = slab.data.write();
         if data.frozen {
             return Err(ErrorCode::SlabFrozen);
         }
-        let r = self.range(slab, at, 8)?;
+        let r = self.range(&slab, at, 8)?;
         if !at.offset.is_multiple_of(8) {
             return Err(ErrorCode::Unaligned);
         }
@@ -299,10 +353,9 @@ impl SlabPool {
         bytes: &[u8],
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(at.slab)?;
         let mut data = slab.data.write();
-        let r = self.range(slab, at, bytes.len() as u64)?;
+        let r = self.range(&slab, at, bytes.len() as u64)?;
         if rid != 0 {
             if let Some(rec) = data.swaps.get(&(session, rid)) {
                 return match &rec.old {
@@ -354,9 +407,8 @@ impl SlabPool {
     /// to a frozen slab: a rebuild freezes a stripe and then waits for the
     /// writes in flight to finish their parity updates.
     pub fn xor(&self, at: &Target, bytes: &[u8]) -> Result<(), ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
-        let r = self.range(slab, at, bytes.len() as u64)?;
+        let slab = self.get(at.slab)?;
+        let r = self.range(&slab, at, bytes.len() as u64)?;
         let mut data = slab.data.write();
         for (d, s) in data.bytes[r].iter_mut().zip(bytes) {
             *d ^= *s;
@@ -375,8 +427,7 @@ impl SlabPool {
     /// names the swap, and a commit that went out just before a rebuild
     /// rekeyed the slab must still end it.
     pub fn commit(&self, at: &Target, session: u64, rid: u64) -> Result<(), ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&at.slab).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(at.slab)?;
         let mut data = slab.data.write();
         let data = &mut *data;
         if let Some(rec) = data.swaps.get_mut(&(session, rid)) {
@@ -397,8 +448,7 @@ impl SlabPool {
 
     /// Freezes slab `id`; returns the swaps on it still in flight.
     pub fn freeze(&self, id: u64) -> Result<u64, ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(id)?;
         let mut data = slab.data.write();
         data.frozen = true;
         sweep(&mut data);
@@ -424,14 +474,13 @@ impl SlabPool {
         out: &mut Vec<u8>,
         len: usize,
     ) -> Result<(), ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(id)?;
         let at = Target {
             slab: id,
-            key: slab.key,
+            key: slab.key(),
             offset,
         };
-        let r = self.range(slab, &at, len as u64)?;
+        let r = self.range(&slab, &at, len as u64)?;
         out.clear();
         remora_proto::copy::extend(out, &slab.data.read().bytes[r]);
         Ok(())
@@ -442,27 +491,39 @@ impl SlabPool {
     /// copies read it), so that no client sees or changes it while it moves;
     /// freezing waits for operations already inside the slab.
     pub fn set_frozen(&self, id: u64, frozen: bool) -> Result<(), ErrorCode> {
-        let t = self.slabs.read();
-        let slab = t.get(&id).ok_or(ErrorCode::UnknownSlab)?;
+        let slab = self.get(id)?;
         slab.data.write().frozen = frozen;
         Ok(())
     }
 
     /// Replaces slab `id`'s capability key (clients holding the old one are
     /// refused with [`ErrorCode::BadCapability`] and fetch the new map).
+    ///
+    /// Takes only that slab's lock (operations on it finish first), never
+    /// the table's.
     pub fn rekey(&self, id: u64, key: u64) -> Result<(), ErrorCode> {
-        let mut t = self.slabs.write();
-        let slab = t.get_mut(&id).ok_or(ErrorCode::UnknownSlab)?;
-        slab.key = key;
+        let slab = self.get(id)?;
+        let _quiet = slab.data.write();
+        slab.key.store(key, Ordering::Release);
         Ok(())
     }
 
     /// Drops every slab not in `keep`; returns how many were dropped.
     pub fn retain(&self, keep: &std::collections::HashSet<u64>) -> usize {
-        let mut t = self.slabs.write();
-        let before = t.len();
-        t.retain(|id, _| keep.contains(id));
-        before - t.len()
+        let mut gone = Vec::new();
+        {
+            let mut t = self.slabs.write();
+            t.retain(|id, slab| {
+                let k = keep.contains(id);
+                if !k {
+                    gone.push(slab.clone());
+                }
+                k
+            });
+            self.used.store(t.len() as u64, Ordering::Release);
+        }
+        // Freed here, outside the table lock.
+        gone.len()
     }
 
     /// Up to `max` slab ids greater than `after`, ascending.
@@ -527,10 +588,10 @@ mod tests {
         let p = SlabPool::new(3 * 4096, 4096);
         assert_eq!(p.total_slabs(), 3);
         for i in 0..3 {
-            p.create(i, 100 + i).unwrap();
+            p.create(i, 100 + i, 0).unwrap();
         }
-        assert_eq!(p.create(9, 1), Err(ErrorCode::OutOfCapacity));
-        assert_eq!(p.create(0, 1), Err(ErrorCode::SlabExists));
+        assert_eq!(p.create(9, 1, 0), Err(ErrorCode::OutOfCapacity));
+        assert_eq!(p.create(0, 1, 0), Err(ErrorCode::SlabExists));
         p.write(&at(1, 101, 10), b"hello").unwrap();
         assert_eq!(
             p.write(&at(1, 102, 10), b"x"),
@@ -569,13 +630,13 @@ mod tests {
         assert_eq!(p.list(1, 10), vec![2]);
         p.drop_slab(1).unwrap();
         assert_eq!(p.drop_slab(1), Err(ErrorCode::UnknownSlab));
-        p.create(9, 1).unwrap();
+        p.create(9, 1, 0).unwrap();
     }
 
     #[test]
     fn swap_and_xor() {
         let p = SlabPool::new(8192, 4096);
-        p.create(1, 7).unwrap();
+        p.create(1, 7, 0).unwrap();
         p.write(&at(1, 7, 10), &[1, 2, 3]).unwrap();
         let old = p
             .swap(&at(1, 7, 9), 5, 1, &[9, 9, 9, 9], |b| b.to_vec())
@@ -634,7 +695,7 @@ mod tests {
         p.rekey(1, 99).unwrap();
         assert_eq!(p.write(&at(1, 7, 0), &[1]), Err(ErrorCode::BadCapability));
         p.write(&at(1, 99, 0), &[1]).unwrap();
-        p.create(2, 1).unwrap();
+        p.create(2, 1, 0).unwrap();
         assert_eq!(p.retain(&[2].into_iter().collect()), 1);
         assert_eq!(p.list(0, 10), vec![2]);
     }
@@ -642,7 +703,7 @@ mod tests {
     #[test]
     fn atomics() {
         let p = SlabPool::new(4096, 4096);
-        p.create(0, 5).unwrap();
+        p.create(0, 5, 0).unwrap();
         assert_eq!(p.faa(&at(0, 5, 8), 3), Ok(0));
         assert_eq!(p.faa(&at(0, 5, 8), u64::MAX), Ok(3));
         assert_eq!(p.cas(&at(0, 5, 8), 2, 10), Ok(2));
@@ -657,7 +718,7 @@ mod tests {
     #[test]
     fn concurrent_faa_sums() {
         let p = std::sync::Arc::new(SlabPool::new(4096, 4096));
-        p.create(0, 1).unwrap();
+        p.create(0, 1, 0).unwrap();
         let hs: Vec<_> = (0..8)
             .map(|_| {
                 let p = p.clone();
