@@ -124,13 +124,18 @@ struct ServerArgs {
     /// refused in their handshake with "overloaded").
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
-    /// Most authenticated connections of one tenant at once.
-    #[arg(long, default_value_t = 1024)]
-    max_connections_per_tenant: usize,
-    /// Most connections that have not authenticated yet (each has 10 s to
-    /// do so); more are closed on accept.
+    /// Most authenticated connections of one tenant at once (default: a
+    /// quarter of --max-connections).
+    #[arg(long)]
+    max_connections_per_tenant: Option<usize>,
+    /// Most connections that have not authenticated yet; a new one at the
+    /// limit closes the oldest.
     #[arg(long, default_value_t = 256)]
     max_unauthenticated: usize,
+    /// How long a new connection may take to authenticate (the whole
+    /// handshake; also all that a connection without a credential may do).
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
+    handshake_timeout: Duration,
     /// Close an authenticated connection that sends nothing for this long
     /// (clients reconnect by themselves).
     #[arg(long, default_value = "600s", value_parser = duration_arg)]
@@ -469,9 +474,12 @@ fn server(a: ServerArgs) -> Result<()> {
         inject_latency: a.inject_latency.unwrap_or_default(),
         max_frame,
         max_connections: a.max_connections,
-        max_connections_per_tenant: a.max_connections_per_tenant,
+        max_connections_per_tenant: a
+            .max_connections_per_tenant
+            .unwrap_or(a.max_connections / 4),
         max_unauthenticated: a.max_unauthenticated,
         idle_timeout: a.idle_timeout,
+        handshake_timeout: a.handshake_timeout,
         buffer_budget: a.buffer_budget,
         cluster_secret: a.cluster_secret,
     })?;

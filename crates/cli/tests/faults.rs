@@ -424,12 +424,12 @@ fn a_retried_atomic_is_applied_once() {
             let n = s.read(&mut buf).unwrap();
             assert!(n > 0, "closed");
             got.extend_from_slice(&buf[..n]);
-            // HELLO_OK (36 bytes) then VALUE (22 bytes).
-            if got.len() >= 36 + 22 {
+            // HELLO_OK (40 bytes) then VALUE (22 bytes).
+            if got.len() >= 40 + 22 {
                 break;
             }
         }
-        let v = &got[36..];
+        let v = &got[40..];
         match data::decode_reply(u16::from_le_bytes([v[12], v[13]]), &v[14..22]).unwrap() {
             Reply::Value(x) => x,
             other => panic!("{other:?}"),

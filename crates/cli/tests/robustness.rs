@@ -2,101 +2,15 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Opts, Rng, TestCluster};
+use common::{Got, Opts, Raw, Rng, TestCluster};
 use remora_proto::data::{self, Reply, Request, Target};
-use remora_proto::frame::{FrameDecoder, HEADER_LEN};
+use remora_proto::frame::HEADER_LEN;
 use remora_proto::ErrorCode;
-
-/// A raw protocol connection for sending hand-made frames.
-struct Raw {
-    s: TcpStream,
-    dec: FrameDecoder,
-}
-
-enum Got {
-    Reply(u64, u16, Vec<u8>),
-    Closed,
-}
-
-impl Raw {
-    fn connect(addr: &str) -> Raw {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        Raw {
-            s,
-            dec: FrameDecoder::new(32 << 20),
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        // The server may already have closed; that is an acceptable answer.
-        let _ = self.s.write_all(bytes);
-    }
-
-    fn request(&mut self, id: u64, req: &Request<'_>) {
-        let mut b = Vec::new();
-        data::encode_request(&mut b, id, req);
-        self.send(&b);
-    }
-
-    fn recv(&mut self) -> Got {
-        loop {
-            if let Some(f) = self.dec.peek().unwrap() {
-                let g = Got::Reply(f.id, f.kind, f.payload.to_vec());
-                self.dec.consume();
-                return g;
-            }
-            let spare = self.dec.spare(4096);
-            match self.s.read(spare) {
-                Ok(0) | Err(_) => return Got::Closed,
-                Ok(n) => self.dec.filled(n),
-            }
-        }
-    }
-
-    fn expect_error(&mut self, want: ErrorCode) {
-        match self.recv() {
-            Got::Reply(_, kind, p) => match data::decode_reply(kind, &p).unwrap() {
-                Reply::Error { code, message } => {
-                    assert_eq!(code, want, "{message}");
-                    assert!(!message.is_empty());
-                }
-                other => panic!("expected {want:?}, got {other:?}"),
-            },
-            Got::Closed => panic!("expected {want:?}, connection closed"),
-        }
-    }
-
-    /// A handshake with the admin key or a slab capability (`(0, 0)`:
-    /// none, so only statistics may follow).
-    fn hello(&mut self, admin_key: u64, cap: (u64, u64)) {
-        let mut b = Vec::new();
-        data::hello(&mut b, 1, admin_key, 7, cap);
-        self.send(&b);
-        match self.recv() {
-            Got::Reply(1, kind, p) => assert!(matches!(
-                data::decode_reply(kind, &p),
-                Ok(Reply::HelloOk { .. })
-            )),
-            _ => panic!("no handshake reply"),
-        }
-    }
-
-    fn expect_closed_eventually(&mut self) {
-        for _ in 0..4 {
-            if let Got::Closed = self.recv() {
-                return;
-            }
-        }
-        panic!("connection stayed open");
-    }
-}
 
 #[test]
 fn bad_input_gets_errors_and_other_clients_are_unaffected() {
@@ -557,13 +471,7 @@ fn a_frame_header_alone_cannot_make_a_daemon_allocate() {
     }
     let r = tc.client().alloc_region(4096).unwrap();
     r.write(0, b"fine").unwrap();
-    let rss = std::fs::read_to_string(format!("/proc/{}/status", tc.servers[0].pid())).unwrap();
-    let kb: u64 = rss
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let kb = common::rss(tc.servers[0].pid()) / 1024;
     assert!(
         kb < 200 * 1024,
         "server RSS {kb} KiB after 200 claimed frames"

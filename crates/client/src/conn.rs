@@ -72,6 +72,13 @@ pub(crate) struct Conn {
     driver_started: AtomicBool,
     timeout: Duration,
     max_frame: u32,
+    /// When the connection was made (the origin of `last_sent`).
+    born: Instant,
+    /// Nanoseconds after `born` of the last request sent.
+    last_sent: AtomicU64,
+    /// A connection idle this long is replaced before use: half the time
+    /// after which the server closes an idle connection.
+    stale_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -123,10 +130,13 @@ impl Conn {
         // replies the server is waiting to send (see `submit`).
         w.set_write_timeout(Some(READ_TICK)).map_err(io)?;
         let shutdown = w.try_clone_stream().map_err(io)?;
-        let max_frame = match data::decode_reply(f.kind, &f.payload) {
+        let (max_frame, idle_ms) = match data::decode_reply(f.kind, &f.payload) {
             Ok(Reply::HelloOk {
-                version, max_frame, ..
-            }) if version == VERSION => max_frame,
+                version,
+                max_frame,
+                idle_ms,
+                ..
+            }) if version == VERSION => (max_frame, idle_ms),
             Ok(Reply::Error { code, message }) => {
                 return Err(ClientError::Remote {
                     addr: addr.to_string(),
@@ -154,6 +164,9 @@ impl Conn {
             writer: Mutex::new(Writer { stream: w, buf }),
             shutdown,
             next_id: AtomicU64::new(1),
+            born: Instant::now(),
+            last_sent: AtomicU64::new(0),
+            stale_after: (idle_ms > 0).then(|| Duration::from_millis(u64::from(idle_ms) / 2)),
             driver_started: AtomicBool::new(false),
             timeout,
             max_frame,
@@ -166,6 +179,16 @@ impl Conn {
 
     pub(crate) fn is_dead(&self) -> bool {
         self.state.lock().dead.is_some()
+    }
+
+    /// True if the connection has sent nothing for half the server's idle
+    /// timeout: the server may close it any time now, so a request sent on
+    /// it could be lost with its outcome unknown. The pool replaces it.
+    pub(crate) fn is_stale(&self) -> bool {
+        self.stale_after.is_some_and(|d| {
+            let last = Duration::from_nanos(self.last_sent.load(Ordering::Relaxed));
+            self.born.elapsed().saturating_sub(last) > d
+        })
     }
 
     /// Sends the frame `encode(buf, id)` appends; returns its request id.
@@ -184,6 +207,8 @@ impl Conn {
         timeout: Duration,
     ) -> Result<u64, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.last_sent
+            .store(self.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
         {
             let mut st = self.state.lock();
             if let Some(e) = &st.dead {

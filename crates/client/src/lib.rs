@@ -540,7 +540,7 @@ impl Inner {
         };
         let mut slot = slot.lock();
         if let Some(c) = slot.as_ref() {
-            if !c.is_dead() {
+            if !c.is_dead() && !c.is_stale() {
                 return Ok(c.clone());
             }
         }

@@ -157,6 +157,7 @@ fn transient(e: &ClientError) -> bool {
                 | ErrorCode::BadCapability
                 | ErrorCode::ServerUnavailable
                 | ErrorCode::NotReady
+                | ErrorCode::Overloaded
         )
     )
 }
@@ -171,6 +172,7 @@ fn refused(e: &ClientError) -> bool {
                 | ErrorCode::UnknownSlab
                 | ErrorCode::BadCapability
                 | ErrorCode::NotReady
+                | ErrorCode::Overloaded
         )
     )
 }

@@ -303,6 +303,7 @@ impl Region {
                         | ErrorCode::SlabFrozen
                         | ErrorCode::NotReady
                         | ErrorCode::Fenced
+                        | ErrorCode::Overloaded
                 )
             );
             let may = !sent
@@ -316,6 +317,16 @@ impl Region {
                 };
             if !may {
                 return Err(err);
+            }
+            if code == Some(ErrorCode::Overloaded) {
+                // The server is at a connection or buffer limit: nothing
+                // was applied; back off and try again until the deadline.
+                if started.elapsed() > self.inner.opts.request_timeout {
+                    return Err(err);
+                }
+                std::thread::sleep(frozen_wait);
+                frozen_wait = (frozen_wait * 2).min(Duration::from_millis(50));
+                continue;
             }
             if matches!(code, Some(ErrorCode::SlabFrozen | ErrorCode::Fenced)) {
                 // A slab is being moved: wait for the new map.

@@ -712,6 +712,10 @@ pub enum Reply<'a> {
         slab_size: u64,
         /// Largest frame the server accepts.
         max_frame: u32,
+        /// The server closes this connection after this many milliseconds
+        /// without a request (0: never); a client opens a new connection
+        /// rather than use one idle for half of it.
+        idle_ms: u32,
     },
     /// Bytes read.
     Data(&'a [u8]),
@@ -912,6 +916,7 @@ pub fn decode_reply(kind: u16, payload: &[u8]) -> Result<Reply<'_>, DecodeError>
             server_id: c.u64()?,
             slab_size: c.u64()?,
             max_frame: c.u32()?,
+            idle_ms: c.u32()?,
         },
         reply::DATA => return Ok(Reply::Data(c.rest())),
         reply::DONE => Reply::Done,
@@ -947,12 +952,14 @@ pub fn encode_reply(out: &mut Vec<u8>, id: u64, r: &Reply<'_>) {
             server_id,
             slab_size,
             max_frame,
+            idle_ms,
         } => {
-            put_header(out, id, reply::HELLO_OK, 22);
+            put_header(out, id, reply::HELLO_OK, 26);
             out.extend_from_slice(&version.to_le_bytes());
             out.extend_from_slice(&server_id.to_le_bytes());
             out.extend_from_slice(&slab_size.to_le_bytes());
             out.extend_from_slice(&max_frame.to_le_bytes());
+            out.extend_from_slice(&idle_ms.to_le_bytes());
         }
         Reply::Data(d) => {
             put_header(out, id, reply::DATA, d.len());
@@ -1215,7 +1222,7 @@ mod tests {
         fn reply_roundtrip(id in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..100), v in any::<u64>()) {
             let stats = ServerStats { capacity: v, slab_size: 1, slabs_total: 2, slabs_used: 3, bytes_read: 4, bytes_written: 5, ops: 6, connections: 7 };
             let replies = [
-                Reply::HelloOk { version: 1, server_id: v, slab_size: v / 3, max_frame: 77 },
+                Reply::HelloOk { version: 1, server_id: v, slab_size: v / 3, max_frame: 77, idle_ms: 5 },
                 Reply::Data(&data),
                 Reply::Done,
                 Reply::Value(v),

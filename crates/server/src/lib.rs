@@ -55,9 +55,6 @@ use session::{Session, Step};
 
 /// Smallest maximum frame a server may be configured with.
 pub const MIN_MAX_FRAME: u32 = 64 << 10;
-/// How long a new connection may take to authenticate (the whole
-/// handshake, and all a connection without a credential may do).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long sending one burst of replies may take before the connection
 /// is dropped (a peer that reads slowly or not at all).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,7 +79,8 @@ pub struct ServerConfig {
     /// Most authenticated client connections at once; more are refused
     /// with `Overloaded` in their handshake.
     pub max_connections: usize,
-    /// Most authenticated connections of one tenant at once.
+    /// Most authenticated connections of one tenant at once (at most
+    /// `max_connections`; the default is a quarter of it).
     pub max_connections_per_tenant: usize,
     /// Most connections that have not authenticated yet, at once; more are
     /// closed on accept.
@@ -90,6 +88,9 @@ pub struct ServerConfig {
     /// An authenticated connection that sends nothing for this long is
     /// closed (clients reconnect on their next request).
     pub idle_timeout: Duration,
+    /// How long a new connection may take to authenticate: the whole
+    /// handshake, and all that a connection without a credential may do.
+    pub handshake_timeout: Duration,
     /// Bytes all connections' receive and reply buffers may hold together
     /// (at least [`MIN_BUFFER_BUDGET`]).
     pub buffer_budget: u64,
@@ -110,6 +111,7 @@ impl Default for ServerConfig {
             max_connections_per_tenant: 1024,
             max_unauthenticated: 256,
             idle_timeout: Duration::from_secs(600),
+            handshake_timeout: Duration::from_secs(10),
             buffer_budget: 256 << 20,
             cluster_secret: None,
         }
@@ -143,6 +145,8 @@ struct Shared {
     latency: LatencyInjector,
     /// Connection slots and the buffer budget.
     admission: Admission,
+    /// Connections not yet authenticated, oldest first (see `accept_loop`).
+    pending: parking_lot::Mutex<Pending>,
     /// Clock origin of `lease_until`.
     born: Instant,
     /// Data operations are served until this many nanoseconds after `born`
@@ -162,11 +166,15 @@ impl Shared {
                 Limits {
                     max_connections: cfg.max_connections,
                     max_per_tenant: cfg.max_connections_per_tenant,
-                    max_pending: cfg.max_unauthenticated,
+                    // The acceptor keeps pending connections at
+                    // `max_unauthenticated` by closing the oldest; threads
+                    // of closed ones may linger a moment, up to this.
+                    max_pending: cfg.max_unauthenticated.saturating_mul(2),
                 },
                 usize::try_from(cfg.buffer_budget).unwrap_or(usize::MAX),
             ),
             cfg,
+            pending: Default::default(),
             pool: OnceLock::new(),
             born: Instant::now(),
             lease_until: AtomicU64::new(0),
@@ -219,7 +227,9 @@ impl ServerHandle {
 pub fn start(mut cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
     cfg.max_frame = cfg.max_frame.max(MIN_MAX_FRAME);
     cfg.buffer_budget = cfg.buffer_budget.max(MIN_BUFFER_BUDGET);
-    cfg.max_connections_per_tenant = cfg.max_connections_per_tenant.max(1);
+    cfg.max_connections_per_tenant = cfg
+        .max_connections_per_tenant
+        .clamp(1, cfg.max_connections.max(1));
     cfg.max_unauthenticated = cfg.max_unauthenticated.max(1);
     if cfg.capacity == 0 {
         return Err(ServerError::ZeroCapacity);
@@ -290,23 +300,59 @@ fn return_freed_memory() {
     });
 }
 
+/// Connections not yet authenticated, by accept order: a second handle on
+/// each socket, so that the acceptor can close the oldest.
+#[derive(Debug, Default)]
+struct Pending {
+    next: u64,
+    socks: std::collections::VecDeque<(u64, TcpStream)>,
+}
+
+impl Shared {
+    /// Forgets pending connection `id` (it authenticated or ended).
+    fn unpend(&self, id: u64) {
+        let mut p = self.pending.lock();
+        if let Some(i) = p.socks.iter().position(|(c, _)| *c == id) {
+            p.socks.remove(i);
+        }
+    }
+}
+
+/// Accepts connections. At most `max_unauthenticated` may be pending at
+/// once; when a new one arrives at that limit, the oldest pending one is
+/// closed instead of refusing the newcomer. Strangers that hold
+/// connections open (idle, or trickling a handshake) then only push each
+/// other out, and a client, which authenticates within a round trip, gets
+/// in however many of them there are.
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     for s in listener.incoming() {
         match s {
             Ok(s) => {
-                if shared.admission.open().0 >= shared.cfg.max_unauthenticated {
-                    // Over the limit: refuse by closing at once.
-                    debug!(
-                        "refusing a connection: {} not yet authenticated",
-                        shared.cfg.max_unauthenticated
-                    );
-                    continue;
-                }
+                let id = {
+                    let mut p = shared.pending.lock();
+                    while p.socks.len() >= shared.cfg.max_unauthenticated {
+                        if let Some((_, old)) = p.socks.pop_front() {
+                            debug!("closing the oldest connection not yet authenticated");
+                            let _ = old.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                    let Ok(handle) = s.try_clone() else {
+                        continue;
+                    };
+                    let id = p.next;
+                    p.next += 1;
+                    p.socks.push_back((id, handle));
+                    id
+                };
                 let shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("remora-conn".into())
-                    .spawn(move || serve(s, shared));
+                    .spawn({
+                        let shared = shared.clone();
+                        move || serve(s, shared, id)
+                    });
                 if let Err(e) = spawned {
+                    shared.unpend(id);
                     warn!("cannot start a connection thread: {e}");
                 }
             }
@@ -445,10 +491,11 @@ fn register_once(shared: &Shared, addr: &str) -> Result<(), String> {
 
 /// One connection's thread: moves bytes between the socket and its
 /// [`Session`].
-fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
+fn serve(mut stream: TcpStream, shared: Arc<Shared>, id: u64) {
     let accepted = Instant::now();
     let Some(ticket) = shared.admission.accept() else {
         debug!("refusing a connection: too many not yet authenticated");
+        shared.unpend(id);
         return;
     };
     let peer = stream
@@ -458,7 +505,9 @@ fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(SEND_TIMEOUT));
     let mut sess = Session::new(&shared, ticket);
-    let result = drive(&mut stream, &shared, &mut sess, accepted);
+    let result = drive(&mut stream, &shared, &mut sess, accepted, id);
+    drop(sess);
+    shared.unpend(id);
     match result {
         Ok(()) => debug!("{peer}: connection closed"),
         Err(e) => debug!("{peer}: {e}"),
@@ -470,7 +519,9 @@ fn drive(
     shared: &Shared,
     sess: &mut Session<'_>,
     accepted: Instant,
+    id: u64,
 ) -> std::io::Result<()> {
+    let mut listed = true;
     // The read timeout in force: the handshake's remaining time while
     // pending, then the idle timeout.
     let mut timeout = None;
@@ -503,18 +554,26 @@ fn drive(
         }
         send_all(stream, sess.out())?;
         sess.settle();
+        if listed && !sess.is_pending() {
+            // Authenticated: no longer the acceptor's to close.
+            shared.unpend(id);
+            listed = false;
+        }
         let want = if sess.is_pending() {
-            let left = HANDSHAKE_TIMEOUT.saturating_sub(accepted.elapsed());
+            let limit = shared.cfg.handshake_timeout;
+            let left = limit.saturating_sub(accepted.elapsed());
             if left.is_zero() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("not authenticated within {HANDSHAKE_TIMEOUT:?}"),
+                    format!("not authenticated within {limit:?}"),
                 ));
             }
             // Rounded up, so that a deadline is never a zero timeout.
             Some(left.max(Duration::from_millis(1)))
-        } else {
+        } else if sess.is_client() {
             Some(shared.cfg.idle_timeout.max(Duration::from_millis(1)))
+        } else {
+            None
         };
         // Only when it changes: once authenticated, one setsockopt in all.
         if want != timeout {
@@ -522,8 +581,8 @@ fn drive(
             timeout = want;
         }
         let spare = match sess.spare() {
-            Ok(s) => s,
-            Err(()) => {
+            Some(s) => s,
+            None => {
                 let _ = send_all(stream, sess.out());
                 return Err(std::io::Error::other("buffer budget spent"));
             }
@@ -544,7 +603,7 @@ fn drive(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                if !sess.is_pending() {
+                if sess.is_client() {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         format!("idle for {:?}", shared.cfg.idle_timeout),

@@ -136,6 +136,12 @@ impl<'a> Session<'a> {
         self.st.ticket.is_pending()
     }
 
+    /// True for a tenant's client connection (closed when idle; the
+    /// controller's connections are not).
+    pub fn is_client(&self) -> bool {
+        matches!(self.st.ticket, Ticket::Client(..))
+    }
+
     /// Replies waiting to be sent.
     pub fn out(&mut self) -> &mut Vec<u8> {
         &mut self.out
@@ -153,10 +159,10 @@ impl<'a> Session<'a> {
     }
 
     /// Room to read into (up to 64 KiB, never more than the next frame
-    /// needs beyond 16 KiB), charged to the budget first. `Err` when the
+    /// needs beyond 16 KiB), charged to the budget first. `None` when the
     /// budget cannot cover it: the driver sends [`Self::out`] (which then
     /// holds an `Overloaded` error) and closes.
-    pub fn spare(&mut self) -> Result<&mut [u8], ()> {
+    pub fn spare(&mut self) -> Option<&mut [u8]> {
         let cap = (self.dec.max_frame() as usize).min(16 << 10);
         let want = self.dec.needed().clamp(cap, 64 << 10);
         let grow = self.dec.growth_for(want);
@@ -167,9 +173,9 @@ impl<'a> Session<'a> {
                 ErrorCode::Overloaded,
                 "the server's buffer budget is spent: this frame cannot be received now",
             );
-            return Err(());
+            return None;
         }
-        Ok(self.dec.spare(want))
+        Some(self.dec.spare(want))
     }
 
     /// Records `n` bytes read into [`Self::spare`].
@@ -706,6 +712,11 @@ fn hello(
             } else {
                 shared.cfg.max_frame
             },
+            idle_ms: if matches!(st.ticket, Ticket::Client(..)) {
+                u32::try_from(shared.cfg.idle_timeout.as_millis()).unwrap_or(u32::MAX)
+            } else {
+                0
+            },
         },
     );
     Action::Continue
@@ -846,7 +857,7 @@ impl Harness {
         'input: for chunk in chunks {
             let mut chunk: &[u8] = chunk;
             while !chunk.is_empty() {
-                let Ok(spare) = sess.spare() else {
+                let Some(spare) = sess.spare() else {
                     closed = true;
                     send(&mut sess, &mut sent);
                     break 'input;

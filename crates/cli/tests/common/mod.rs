@@ -2,12 +2,16 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use remora_client::{ClientOptions, Cluster};
+use remora_proto::data::{self, Reply, Request};
+use remora_proto::frame::FrameDecoder;
+use remora_proto::ErrorCode;
 
 pub const TOKEN: &str = "tok-default";
 pub const OTHER_TOKEN: &str = "tok-other";
@@ -281,4 +285,102 @@ impl Rng {
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
     }
+}
+
+/// A raw protocol connection for sending hand-made frames.
+pub struct Raw {
+    pub s: TcpStream,
+    dec: FrameDecoder,
+}
+
+pub enum Got {
+    Reply(u64, u16, Vec<u8>),
+    Closed,
+}
+
+impl Raw {
+    /// A connection that has sent nothing yet.
+    pub fn connect(addr: &str) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Raw {
+            s,
+            dec: FrameDecoder::new(32 << 20),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        // The server may already have closed; that is an acceptable answer.
+        let _ = self.s.write_all(bytes);
+    }
+
+    pub fn request(&mut self, id: u64, req: &Request<'_>) {
+        let mut b = Vec::new();
+        data::encode_request(&mut b, id, req);
+        self.send(&b);
+    }
+
+    pub fn recv(&mut self) -> Got {
+        loop {
+            if let Some(f) = self.dec.peek().unwrap() {
+                let g = Got::Reply(f.id, f.kind, f.payload.to_vec());
+                self.dec.consume();
+                return g;
+            }
+            let spare = self.dec.spare(4096);
+            match self.s.read(spare) {
+                Ok(0) | Err(_) => return Got::Closed,
+                Ok(n) => self.dec.filled(n),
+            }
+        }
+    }
+
+    pub fn expect_error(&mut self, want: ErrorCode) {
+        match self.recv() {
+            Got::Reply(_, kind, p) => match data::decode_reply(kind, &p).unwrap() {
+                Reply::Error { code, message } => {
+                    assert_eq!(code, want, "{message}");
+                    assert!(!message.is_empty());
+                }
+                other => panic!("expected {want:?}, got {other:?}"),
+            },
+            Got::Closed => panic!("expected {want:?}, connection closed"),
+        }
+    }
+
+    /// A handshake with the admin key or a slab capability (`(0, 0)`:
+    /// none, so only statistics may follow).
+    pub fn hello(&mut self, admin_key: u64, cap: (u64, u64)) {
+        let mut b = Vec::new();
+        data::hello(&mut b, 1, admin_key, 7, cap);
+        self.send(&b);
+        match self.recv() {
+            Got::Reply(1, kind, p) => assert!(matches!(
+                data::decode_reply(kind, &p),
+                Ok(Reply::HelloOk { .. })
+            )),
+            _ => panic!("no handshake reply"),
+        }
+    }
+
+    pub fn expect_closed_eventually(&mut self) {
+        for _ in 0..4 {
+            if let Got::Closed = self.recv() {
+                return;
+            }
+        }
+        panic!("connection stayed open");
+    }
+}
+
+/// The resident memory of process `pid` in bytes (`VmRSS`).
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
 }
