@@ -5,7 +5,7 @@
 //!
 //! The table is sharded by (session, request id), so that unrelated
 //! requests do not wait for each other, and bounded: each shard keeps its
-//! most recent outcomes and forgets the oldest first, [`CAPACITY`] in all
+//! most recent outcomes and forgets the oldest first, [`CAPACITY`] in all.
 //! A client resends within its failover timeout (10 s by default); an
 //! entry lives until a million later at-most-once operations on this server
 //! pushed it out, about 10 s at 100 000 per second, more than a server
@@ -76,6 +76,28 @@ impl Dedupe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The protocol document states the table's size as the code has it.
+    #[test]
+    fn the_protocol_document_gives_this_capacity() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let digits: String = CAPACITY
+            .to_string()
+            .as_bytes()
+            .rchunks(3)
+            .rev()
+            .map(|c| std::str::from_utf8(c).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            doc.contains(&format!("the last {digits} ")),
+            "docs/protocol.md must give the at-most-once table as {digits}"
+        );
+        assert!(doc.contains(&format!("{} shards of", SHARDS)));
+        let per = (CAPACITY / SHARDS).to_string();
+        let per = format!("{} {}", &per[..per.len() - 3], &per[per.len() - 3..]);
+        assert!(doc.contains(&format!("of {per} each")));
+    }
 
     #[test]
     fn remembers_and_forgets_oldest() {

@@ -1173,4 +1173,57 @@ mod tests {
             assert_eq!(a[..3], b[..3], "cut {cut}");
         }
     }
+
+    /// Valid frames mixed with arbitrary bytes, in arbitrary chunks: never
+    /// a panic, and every charge and slot is given back (the fuzz target
+    /// `server_session` does the same for longer).
+    mod arbitrary {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn op() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                (any::<u32>(), 0u64..(1 << 20)).prop_map(|(len, off)| frames(&[(
+                    2,
+                    Request::Read {
+                        at: at(off),
+                        len: len % (1 << 21)
+                    }
+                )])),
+                (0u64..(1 << 20), 0usize..70_000).prop_map(|(off, n)| {
+                    let d = vec![9u8; n];
+                    frames(&[(3, Request::Write { at: at(off), data: &d })])
+                }),
+                Just(frames(&[(4, Request::Faa { at: at(8), delta: 1, rid: 5 })])),
+                Just(frames(&[(5, Request::DropSlab { slab: SLAB })])),
+                Just(frames(&[(6, Request::Stats)])),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn sessions_never_panic_and_give_everything_back(
+                cred in 0u8..3,
+                ops in proptest::collection::vec(op(), 0..12),
+                chunk in 1usize..5000,
+                take in 0usize..100_000,
+                budget in 1u64..64,
+            ) {
+                let h = harness(budget << 16, 2);
+                let mut input = match cred {
+                    0 => hello((0, 0), 0),
+                    1 => hello((SLAB, KEY), 0),
+                    _ => hello((0, 0), ADMIN),
+                };
+                for o in &ops {
+                    input.extend_from_slice(o);
+                }
+                let chunks: Vec<&[u8]> = input.chunks(chunk).collect();
+                h.run(&chunks, take);
+                prop_assert_eq!(h.charged(), 0);
+                prop_assert_eq!(h.open(), (0, 0, 0));
+            }
+        }
+    }
 }
