@@ -258,7 +258,8 @@ impl Inner {
         };
         let undo = |frozen: &[SlabLoc], drop_dest: bool| {
             for l in frozen {
-                self.thaw(l, 0);
+                // The key of the committed map, which is not switched.
+                self.thaw(l, l.key);
             }
             if drop_dest {
                 let _ = self.admin_call(dest.server_id, &Request::DropSlab { slab: dest.slab });
@@ -282,6 +283,7 @@ impl Inner {
             undo(&[], e.0 == ErrorCode::ServerUnavailable);
             return Err(e);
         }
+        self.pause_point("rebuild:after_create");
         // Freeze the whole group so that no write lands behind the copy,
         // then let erasure-coded writes already past their data swap finish
         // their parity updates, so the stripe is consistent when read.
@@ -297,6 +299,7 @@ impl Inner {
             }
             frozen.push(l.clone());
         }
+        self.pause_point("rebuild:after_freeze");
         let drain_started = Instant::now();
         while in_flight.iter().any(|&n| n > 0) {
             if drain_started.elapsed() > DRAIN_TIMEOUT {
@@ -328,6 +331,7 @@ impl Inner {
                 return Err(e);
             }
         };
+        self.pause_point("rebuild:after_copy");
         // Switch the map: the new slab in, new keys for the survivors.
         let rekeyed = {
             let mut guard = self.state.lock();
@@ -377,9 +381,7 @@ impl Inner {
                 }
             };
             if result.is_ok() {
-                for (_, l) in &survivors {
-                    st.moving.remove(&l.slab);
-                }
+                // The survivors stay claimed until they are thawed below.
                 unpend(st, dest.slab);
             }
             result
@@ -396,8 +398,24 @@ impl Inner {
                 return Err(e);
             }
         };
-        for (l, key) in &rekeyed {
-            self.thaw(l, *key);
+        self.pause_point("rebuild:after_switch");
+        // A controller that dies from here on leaves survivors frozen with
+        // their old keys; the next one thaws them with the keys of the map
+        // just persisted when their servers join it (`finish_join`).
+        let drop_thaw = self.hook_is("rebuild:drop_thaw");
+        for (n, (l, key)) in rekeyed.iter().enumerate() {
+            if !drop_thaw {
+                self.thaw(l, *key);
+            }
+            if n == 0 {
+                self.pause_point("rebuild:after_first_thaw");
+            }
+        }
+        {
+            let mut st = self.state.lock();
+            for (_, l) in &survivors {
+                st.moving.remove(&l.slab);
+            }
         }
         {
             let mut c = self.rebuilt.lock();
