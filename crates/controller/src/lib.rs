@@ -1572,7 +1572,9 @@ impl Inner {
         for ((slab, _), r) in claimed.iter().zip(self.admin_calls(sid, &reqs)) {
             match r {
                 Ok(()) => repaired += 1,
-                Err((code, msg)) => debug!("thawing slab {slab} on server {sid:016x}: {code}: {msg}"),
+                Err((code, msg)) => {
+                    debug!("thawing slab {slab} on server {sid:016x}: {code}: {msg}")
+                }
             }
         }
         {
@@ -1590,7 +1592,11 @@ impl Inner {
 
     /// Reads zero bytes of each `(slab, key)` on a server, pipelined: `None`
     /// where the server accepts the key, else the error code it answers.
-    fn admin_probe(&self, sid: u64, slabs: &[(u64, u64)]) -> Result<Vec<Option<ErrorCode>>, Failure> {
+    fn admin_probe(
+        &self,
+        sid: u64,
+        slabs: &[(u64, u64)],
+    ) -> Result<Vec<Option<ErrorCode>>, Failure> {
         let frames = self.with_admin_conn(sid, |c| {
             let mut frames = Vec::with_capacity(slabs.len());
             for burst in slabs.chunks(1024) {
