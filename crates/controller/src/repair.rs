@@ -19,7 +19,16 @@
 //! survivors new capability keys (so that a client with the old map cannot
 //! write the old group), and thaws them. Pacing to `rebuild_rate` happens
 //! between slabs, so a group is frozen only while its slab is copied. A
-//! failed step is undone and the slab is tried again later.
+//! failed step is undone (survivors thawed with their committed keys, the
+//! new slab dropped) and the slab is tried again later.
+//!
+//! Crash safety: the switched map is persisted in one transaction before
+//! any survivor is rekeyed. A controller that dies before it leaves the
+//! piece `lost` (rebuilt again by the next one) and an uncommitted slab
+//! (dropped when its server joins the next controller); one that dies
+//! after it leaves survivors frozen with their old keys, which the next
+//! controller thaws with the keys of the committed map when their servers
+//! join it (see ARCHITECTURE.md, "Crash-safe control steps").
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

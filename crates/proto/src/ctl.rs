@@ -362,9 +362,9 @@ pub struct RegionInfo {
     pub lost: u64,
     /// Slabs in all, data and redundant.
     pub pieces: u64,
-    /// Slabs not marked lost whose server is not serving for sure: it has
-    /// not re-registered since the controller restarted (or has not yet
-    /// finished joining), or it is silent and about to be declared dead.
+    /// Slabs not marked lost whose server is not serving: the controller
+    /// is waiting for it (it has not registered since the controller
+    /// started, or has not finished joining; see [`ServerInfo::waiting`]).
     /// A region with pieces at risk is not healthy.
     pub at_risk: u64,
 }
