@@ -685,13 +685,7 @@ impl Inner {
         }
         // First registration with this controller: its slabs are those of
         // the committed region maps.
-        let slabs: Vec<(u64, u64)> = st
-            .regions
-            .values()
-            .flat_map(|r| r.map.pieces())
-            .filter(|s| s.server_id == id && !s.lost)
-            .map(|s| (s.slab, s.key))
-            .collect();
+        let slabs = committed_on(&st, id);
         let assigned = slabs.len() as u64;
         info!("server {id:016x} registered at {addr}: {slabs_total} slabs");
         st.servers.insert(
@@ -730,28 +724,62 @@ impl Inner {
     /// wait until this is done). Then make sure no slab id this controller
     /// hands out is already on the server (its metadata may be older than
     /// the slabs), check the server against the maps as reconciliation
-    /// does, and let placement use it.
-    fn finish_join(self: &Arc<Self>, id: u64, slabs: Vec<(u64, u64)>) {
+    /// does, and let placement use it. If the server does not answer, the
+    /// join is tried again on a later heartbeat; until then the server
+    /// stays `waiting`.
+    fn finish_join(self: &Arc<Self>, id: u64, claimed: Vec<(u64, u64)>) {
+        // The maps as they are now (the keys recorded at registration are
+        // claimed until here, so only a freed region can differ).
+        let slabs = {
+            let mut st = self.state.lock();
+            for (s, _) in &claimed {
+                st.moving.remove(s);
+            }
+            let slabs = committed_on(&st, id);
+            for (s, _) in &slabs {
+                st.moving.insert(*s);
+            }
+            slabs
+        };
         let reqs: Vec<Request<'_>> = slabs
             .iter()
             .map(|&(slab, key)| Request::ThawSlab { slab, new_key: key })
             .collect();
+        let mut failed = None;
         for r in self.admin_calls(id, &reqs) {
-            if let Err((code, msg)) = r {
-                if code != ErrorCode::UnknownSlab {
-                    warn!("reconciling server {id:016x}: {code}: {msg}");
+            match r {
+                Ok(()) | Err((ErrorCode::UnknownSlab, _)) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
         }
-        let listed = self.admin_list(id);
+        let listed = match self.admin_list(id) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                failed.get_or_insert(e);
+                None
+            }
+        };
         {
             let mut st = self.state.lock();
             for (s, _) in &slabs {
                 st.moving.remove(s);
             }
-            if let Some(max) = listed.ok().and_then(|v| v.into_iter().max()) {
+            if let Some(max) = listed.and_then(|v| v.into_iter().max()) {
                 st.next_slab = st.next_slab.max(max + 1);
             }
+        }
+        if let Some((code, msg)) = failed {
+            warn!("server {id:016x} joining: {code}: {msg}; trying again");
+            std::thread::sleep(Duration::from_millis(500));
+            let mut st = self.state.lock();
+            if let Some(s) = st.servers.get_mut(&id).filter(|s| s.joining) {
+                // The next heartbeat starts the join again.
+                s.joining = false;
+                s.join_work = Some(slabs);
+            }
+            return;
         }
         self.reconcile_server(id);
         let mut st = self.state.lock();
@@ -1493,13 +1521,7 @@ impl Inner {
         };
         let (orphans, committed) = {
             let st = self.state.lock();
-            let committed: Vec<(u64, u64)> = st
-                .regions
-                .values()
-                .flat_map(|r| r.map.pieces())
-                .filter(|l| l.server_id == sid && !l.lost)
-                .map(|l| (l.slab, l.key))
-                .collect();
+            let committed = committed_on(&st, sid);
             let known: std::collections::HashSet<u64> =
                 committed.iter().map(|(slab, _)| *slab).collect();
             let orphans: Vec<u64> = listed
@@ -1547,13 +1569,7 @@ impl Inner {
         // with the map's key themselves), with the key the map records now.
         let claimed: Vec<(u64, u64)> = {
             let mut st = self.state.lock();
-            let now: HashMap<u64, u64> = st
-                .regions
-                .values()
-                .flat_map(|r| r.map.pieces())
-                .filter(|l| l.server_id == sid && !l.lost)
-                .map(|l| (l.slab, l.key))
-                .collect();
+            let now: HashMap<u64, u64> = committed_on(&st, sid).into_iter().collect();
             let claimed: Vec<(u64, u64)> = suspect
                 .iter()
                 .filter_map(|slab| now.get(slab).map(|key| (*slab, *key)))
@@ -1648,6 +1664,17 @@ fn reserve_slab(st: &mut State, sid: u64, restored: bool) -> Option<SlabLoc> {
         lost: false,
         restored,
     })
+}
+
+/// The slabs the committed maps place on server `sid` (not lost), with the
+/// keys the maps record.
+fn committed_on(st: &State, sid: u64) -> Vec<(u64, u64)> {
+    st.regions
+        .values()
+        .flat_map(|r| r.map.pieces())
+        .filter(|l| l.server_id == sid && !l.lost)
+        .map(|l| (l.slab, l.key))
+        .collect()
 }
 
 /// The servers placement may use (live and ready), but those in `exclude`.
