@@ -243,10 +243,13 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             // The servers as the controller sees them now: a piece on a
             // server it is waiting for, or one declared dead whose map
             // change this map predates, is not ok.
-            let servers: std::collections::HashMap<u64, ServerInfo> = c
-                .status()
-                .map(|s| s.servers.into_iter().map(|sv| (sv.id, sv)).collect())
-                .unwrap_or_default();
+            let servers: Option<std::collections::HashMap<u64, ServerInfo>> = match c.status() {
+                Ok(s) => Some(s.servers.into_iter().map(|sv| (sv.id, sv)).collect()),
+                Err(e) => {
+                    eprintln!("server states unknown ({e}): showing the map only");
+                    None
+                }
+            };
             outln!(
                 "region {name} (id {}): {}, {}, {} data + {} redundant slabs of {}, map version {}",
                 m.id,
@@ -273,14 +276,15 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
                     role,
                     offset.map_or("-".to_string(), |o| o.to_string()),
                     s.addr,
-                    piece_state(s, servers.get(&s.server_id))
+                    piece_state(s, servers.as_ref().map(|m| m.get(&s.server_id)))
                 );
             }
             let lost = m.pieces().filter(|s| s.lost).count();
-            let at_risk = m
-                .pieces()
-                .filter(|s| !s.lost && !servers.get(&s.server_id).is_some_and(|sv| sv.alive))
-                .count();
+            let at_risk = servers.as_ref().map_or(0, |sv| {
+                m.pieces()
+                    .filter(|s| !s.lost && !sv.get(&s.server_id).is_some_and(|sv| sv.alive))
+                    .count()
+            });
             if lost > 0 || at_risk > 0 {
                 outln!("NOT HEALTHY: {lost} slabs lost, {at_risk} at risk");
             }
@@ -334,14 +338,17 @@ pub fn server_state(sv: &ServerInfo) -> String {
 /// A piece's state in `remora region show`: lost, at risk on a server that
 /// is not serving (the controller is waiting for it, or declared it dead),
 /// or ok.
-fn piece_state(s: &remora_proto::ctl::SlabLoc, server: Option<&ServerInfo>) -> String {
+/// `server` is `None` when the server states are unknown (the map alone
+/// then decides).
+fn piece_state(s: &remora_proto::ctl::SlabLoc, server: Option<Option<&ServerInfo>>) -> String {
     if s.lost {
         return "LOST".into();
     }
     match server {
-        Some(sv) if sv.alive => {}
-        Some(sv) => return format!("at risk: server {}", server_state(sv)),
-        None => return "at risk: server unknown".into(),
+        Some(Some(sv)) if sv.alive => {}
+        Some(Some(sv)) => return format!("at risk: server {}", server_state(sv)),
+        Some(None) => return "at risk: server unknown".into(),
+        None => {}
     }
     if s.restored {
         "ok (rebuilt)".into()
