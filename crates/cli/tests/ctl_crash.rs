@@ -2,7 +2,8 @@
 //! rebuild, a slab move) and restarted with the same data directory and
 //! flags, with real processes: afterwards every slab of replicated and
 //! erasure-coded regions takes writes and reads (checked against a shadow
-//! copy), and a second server failure is rebuilt. Also what `remora status`
+//! copy; writer threads keep writing through the crash and restart), and a
+//! second server failure is rebuilt. Also what `remora status`
 //! and `remora region show` say about a server that died while the
 //! controller was down.
 //!
@@ -12,6 +13,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{Opts, Rng, TestCluster};
@@ -76,6 +80,68 @@ fn exercise(c: &Cluster, regions: &mut [Shadowed], rng: &mut Rng) {
             .unwrap_or_else(|e| panic!("reading {}: {e}", s.name));
         let bad = got.iter().zip(&s.shadow).filter(|(a, b)| a != b).count();
         assert_eq!(bad, 0, "{} differs from its shadow in {bad} bytes", s.name);
+    }
+}
+
+/// A client thread writing 4 KiB at random offsets of a region, one write
+/// after another, through the faults and restarts; every write must
+/// succeed (within the failover timeout).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Result<WriteLog, String>>,
+}
+
+/// Acknowledged writes, in order: offset and bytes.
+type WriteLog = Vec<(u64, Vec<u8>)>;
+
+impl Writer {
+    fn start(tc: &TestCluster, name: &'static str, seed: u64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let c = client(tc);
+        let r = c.open_region(name).expect("open");
+        let halt = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let _c = c;
+            let mut rng = Rng(seed);
+            let mut log = Vec::new();
+            while !halt.load(Ordering::Relaxed) {
+                let off = rng.below(SIZE - 4096) / 64 * 64;
+                let d = rng.bytes(4096);
+                r.write(off, &d)
+                    .map_err(|e| format!("writing {name} at {off}: {e}"))?;
+                log.push((off, d));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(log)
+        });
+        Writer { stop, handle }
+    }
+
+    /// Stops the thread and applies what it wrote to the shadow.
+    fn finish(self, s: &mut Shadowed) {
+        self.stop.store(true, Ordering::Relaxed);
+        let log = match self.handle.join() {
+            Ok(Ok(log)) => log,
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("the writer of {} panicked", s.name),
+        };
+        assert!(!log.is_empty(), "the writer of {} wrote nothing", s.name);
+        for (off, d) in log {
+            s.shadow[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        }
+    }
+}
+
+fn writers(tc: &TestCluster, rs: &[Shadowed], seed: u64) -> Vec<Writer> {
+    rs.iter()
+        .enumerate()
+        .map(|(i, s)| Writer::start(tc, s.name, seed * 100 + i as u64))
+        .collect()
+}
+
+fn finish(ws: Vec<Writer>, rs: &mut [Shadowed]) {
+    for (w, s) in ws.into_iter().zip(rs.iter_mut()) {
+        w.finish(s);
     }
 }
 
@@ -160,12 +226,14 @@ fn rebuild_crash(step: &str, ec_first: bool, seed: u64) {
     let c = client(&tc);
     let names: Vec<&str> = rs.iter().map(|s| s.name).collect();
     let first = victim(&tc, &c, &names, &[]);
+    let ws = writers(&tc, &rs, seed);
     tc.servers[first].signal("-KILL");
     kill_at(&mut tc, step);
     let c = client(&tc);
     wait("the rebuild after the restart", 30, || {
         healthy(&c, SERVERS - 1)
     });
+    finish(ws, &mut rs);
     exercise(&c, &mut rs, &mut rng);
     // A second failure is rebuilt too.
     let second = victim(&tc, &c, &names, &[first]);
@@ -215,6 +283,7 @@ fn move_crash(step: &'static str, seed: u64) {
     let mut rng = Rng(seed);
     let mut rs = regions(&client(&tc), false, &mut rng);
     restart_with_hook(&mut tc, step);
+    let ws = writers(&tc, &rs, seed);
     let addr = tc.controller_addr.clone();
     // The move's caller loses its controller mid-call; its outcome does
     // not matter.
@@ -228,6 +297,7 @@ fn move_crash(step: &'static str, seed: u64) {
     kill_at(&mut tc, step);
     let c = client(&tc);
     wait("the servers to rejoin", 30, || healthy(&c, SERVERS));
+    finish(ws, &mut rs);
     exercise(&c, &mut rs, &mut rng);
     let names: Vec<&str> = rs.iter().map(|s| s.name).collect();
     let v = victim(&tc, &c, &names, &[]);
