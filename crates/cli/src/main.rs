@@ -667,7 +667,8 @@ fn status(a: ClientArgs) -> Result<()> {
     if at_risk > 0 || waiting > 0 {
         outln!();
         outln!(
-            "AT RISK: {at_risk} slabs on {waiting} servers the controller is waiting for (not yet registered since it started, or joining); they are declared dead if they do not come back"
+            "AT RISK: {at_risk} slabs; the controller is waiting for {waiting} {} (not registered since it started, or joining), declared dead if not back within dead_after",
+            if waiting == 1 { "server" } else { "servers" }
         );
     }
     if lost > 0 || s.rebuilt_slabs > 0 {
