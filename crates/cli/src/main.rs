@@ -655,11 +655,7 @@ fn status(a: ClientArgs) -> Result<()> {
             } else {
                 100.0 * u as f64 / t as f64
             },
-            if sv.alive {
-                "alive".to_string()
-            } else {
-                format!("dead {}s", sv.last_seen_ms / 1000)
-            },
+            region_cmd::server_state(sv),
             rd,
             wr,
             ops,
@@ -695,6 +691,15 @@ fn status(a: ClientArgs) -> Result<()> {
     outln!();
     region_cmd::print_regions(&s.regions);
     let lost: u64 = s.regions.iter().map(|r| r.lost).sum();
+    let at_risk: u64 = s.regions.iter().map(|r| r.at_risk).sum();
+    let waiting = s.servers.iter().filter(|sv| sv.waiting).count();
+    if at_risk > 0 || waiting > 0 {
+        outln!();
+        outln!(
+            "AT RISK: {at_risk} slabs; the controller is waiting for {waiting} {} (not registered since it started, or joining), declared dead if not back within dead_after",
+            if waiting == 1 { "server" } else { "servers" }
+        );
+    }
     if lost > 0 || s.rebuilt_slabs > 0 {
         outln!();
         outln!(

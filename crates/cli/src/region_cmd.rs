@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use remora_client::Redundancy;
 use remora_client::RegionSummary;
+use remora_proto::ctl::ServerInfo;
 use remora_proto::size::Bytes;
 
 use crate::{size_arg, ClientArgs};
@@ -237,8 +238,18 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
             Ok(())
         }
         RegionCmd::Show { name, client } => {
-            let (_, r) = open(&client, &name)?;
+            let (c, r) = open(&client, &name)?;
             let m = r.map();
+            // The servers as the controller sees them now: a piece on a
+            // server it is waiting for, or one declared dead whose map
+            // change this map predates, is not ok.
+            let servers: Option<std::collections::HashMap<u64, ServerInfo>> = match c.status() {
+                Ok(s) => Some(s.servers.into_iter().map(|sv| (sv.id, sv)).collect()),
+                Err(e) => {
+                    eprintln!("server states unknown ({e}): showing the map only");
+                    None
+                }
+            };
             outln!(
                 "region {name} (id {}): {}, {}, {} data + {} redundant slabs of {}, map version {}",
                 m.id,
@@ -265,12 +276,17 @@ pub fn run(cmd: RegionCmd) -> Result<()> {
                     role,
                     offset.map_or("-".to_string(), |o| o.to_string()),
                     s.addr,
-                    match (s.lost, s.restored) {
-                        (true, _) => "LOST",
-                        (false, true) => "ok (rebuilt)",
-                        (false, false) => "ok",
-                    }
+                    piece_state(s, servers.as_ref().map(|m| m.get(&s.server_id)))
                 );
+            }
+            let lost = m.pieces().filter(|s| s.lost).count();
+            let at_risk = servers.as_ref().map_or(0, |sv| {
+                m.pieces()
+                    .filter(|s| !s.lost && !sv.get(&s.server_id).is_some_and(|sv| sv.alive))
+                    .count()
+            });
+            if lost > 0 || at_risk > 0 {
+                outln!("NOT HEALTHY: {lost} slabs lost, {at_risk} at risk");
             }
             Ok(())
         }
@@ -308,6 +324,39 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// A server's state as `remora status` shows it.
+pub fn server_state(sv: &ServerInfo) -> String {
+    if sv.alive {
+        "alive".to_string()
+    } else if sv.waiting {
+        format!("waiting ({}s)", sv.last_seen_ms / 1000)
+    } else {
+        format!("dead {}s", sv.last_seen_ms / 1000)
+    }
+}
+
+/// A piece's state in `remora region show`: lost, at risk on a server that
+/// is not serving (the controller is waiting for it, or declared it dead),
+/// or ok.
+/// `server` is `None` when the server states are unknown (the map alone
+/// then decides).
+fn piece_state(s: &remora_proto::ctl::SlabLoc, server: Option<Option<&ServerInfo>>) -> String {
+    if s.lost {
+        return "LOST".into();
+    }
+    match server {
+        Some(Some(sv)) if sv.alive => {}
+        Some(Some(sv)) => return format!("at risk: server {}", server_state(sv)),
+        Some(None) => return "at risk: server unknown".into(),
+        None => {}
+    }
+    if s.restored {
+        "ok (rebuilt)".into()
+    } else {
+        "ok".into()
+    }
+}
+
 /// What piece `i` of a map is, and the region offset of its bytes.
 fn piece_role(m: &remora_proto::ctl::RegionMap, i: usize) -> (String, Option<u64>) {
     let n = m.slabs.len();
@@ -340,10 +389,11 @@ pub fn print_regions(regions: &[RegionSummary]) {
         "VERSION"
     );
     for r in regions {
-        let slabs = if r.lost > 0 {
-            format!("{} ({} lost)", r.pieces, r.lost)
-        } else {
-            r.pieces.to_string()
+        let slabs = match (r.lost, r.at_risk) {
+            (0, 0) => r.pieces.to_string(),
+            (lost, 0) => format!("{} ({lost} lost)", r.pieces),
+            (0, risk) => format!("{} ({risk} at risk)", r.pieces),
+            (lost, risk) => format!("{} ({lost} lost, {risk} at risk)", r.pieces),
         };
         outln!(
             "{:<6} {:<24} {:<12} {:>10} {:<14} {:>7} {:>8}",

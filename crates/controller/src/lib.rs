@@ -33,7 +33,7 @@ use remora_proto::ctl::{
     self, ClusterStatus, CtlReply, CtlRequest, Redundancy, RegionInfo, RegionMap, ServerInfo,
     SlabLoc, TenantInfo,
 };
-use remora_proto::data::{self, Reply, Request};
+use remora_proto::data::{self, Reply, Request, Target};
 use remora_proto::frame::DEFAULT_MAX_FRAME;
 use remora_proto::{ErrorCode, VERSION};
 use tracing::{debug, info, warn};
@@ -88,9 +88,13 @@ struct ServerState {
     /// Set by the first heartbeat: the server has carved its slabs and can
     /// take control operations. Placement uses only ready servers.
     ready: bool,
-    /// Committed slabs to thaw when the server becomes ready (first
-    /// registration with this controller only).
-    join_work: Option<Vec<u64>>,
+    /// Committed slabs, with the keys their maps record, to thaw (and
+    /// rekey) when the server first heartbeats (first registration with
+    /// this controller only).
+    join_work: Option<Vec<(u64, u64)>>,
+    /// Between the first heartbeat and the end of [`Inner::finish_join`]:
+    /// not ready yet, and the join is under way.
+    joining: bool,
     /// Known only from the region maps (this controller started and the
     /// server has not registered yet): if it never does, the detector
     /// declares it dead like any other.
@@ -147,7 +151,26 @@ struct Inner {
     /// Each server's maximum frame, from its handshake (bounds the chunks
     /// a rebuild reads and writes).
     max_frames: Mutex<HashMap<u64, u32>>,
+    /// Test hook (see [`PAUSE_AT_ENV`]): the step to stop at, and the file
+    /// to write its name to when there.
+    pause_at: Option<(String, Option<std::path::PathBuf>)>,
 }
+
+/// Test hook, off unless set: `REMORA_TEST_PAUSE_AT=<step>` makes the
+/// controller stop for good when it reaches the named step of a multi-step
+/// change (the thread doing it sleeps; nothing else stops), so that a test
+/// can kill it there and check what a restarted controller makes of the
+/// half-done change. Steps: `rebuild:after_create`, `rebuild:after_freeze`,
+/// `rebuild:after_copy`, `rebuild:after_switch`, `rebuild:after_first_thaw`,
+/// `move:after_create`, `move:after_copy`, `move:after_switch`. With
+/// [`PAUSE_MARK_ENV`] set to a path, the step's name is written there on
+/// arrival. One more value injects a fault instead of stopping:
+/// `rebuild:drop_thaw` makes rebuilds skip thawing and rekeying the
+/// survivors, as if every `ThawSlab` were lost, which reconciliation must
+/// find and repair. Never set it in production.
+pub const PAUSE_AT_ENV: &str = "REMORA_TEST_PAUSE_AT";
+/// See [`PAUSE_AT_ENV`].
+pub const PAUSE_MARK_ENV: &str = "REMORA_TEST_PAUSE_MARK";
 
 /// A running controller.
 #[derive(Debug)]
@@ -246,6 +269,7 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
                     alive: true,
                     ready: false,
                     join_work: None,
+                    joining: false,
                     placeholder: true,
                 });
             s.assigned += 1;
@@ -271,6 +295,14 @@ pub fn start(cfg: ControllerConfig) -> Result<ControllerHandle, ControllerError>
         rebuild_cv: Condvar::new(),
         rebuilt: Mutex::new((0, 0)),
         max_frames: Mutex::new(HashMap::new()),
+        pause_at: std::env::var(PAUSE_AT_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                warn!("test hook {PAUSE_AT_ENV} set: the controller stops at step {s}");
+                let mark = std::env::var_os(PAUSE_MARK_ENV).map(std::path::PathBuf::from);
+                (s, mark)
+            }),
     });
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -445,6 +477,29 @@ fn valid_name(n: &str) -> bool {
 }
 
 impl Inner {
+    /// The test hook of [`PAUSE_AT_ENV`]: stops the calling thread for good
+    /// if `step` is the one named. Never called with the state lock held.
+    fn pause_point(&self, step: &str) {
+        if !self.hook_is(step) {
+            return;
+        }
+        let Some((_, mark)) = &self.pause_at else {
+            return;
+        };
+        warn!("test hook: stopping at step {step}");
+        if let Some(m) = mark {
+            let _ = std::fs::write(m, step);
+        }
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+
+    /// Whether the test hook of [`PAUSE_AT_ENV`] names `step`.
+    fn hook_is(&self, step: &str) -> bool {
+        self.pause_at.as_ref().is_some_and(|(at, _)| at == step)
+    }
+
     fn handle(self: &Arc<Self>, role: &mut Role, req: CtlRequest) -> CtlReply {
         match (&*role, req) {
             (_, CtlRequest::ClientHello { version, token }) => {
@@ -529,11 +584,15 @@ impl Inner {
                 match st.servers.get_mut(&server_id) {
                     Some(s) => {
                         s.last_seen = Instant::now();
-                        if !s.ready {
-                            s.ready = true;
-                            if let Some(slabs) = s.join_work.take() {
-                                let me = self.clone();
-                                std::thread::spawn(move || me.finish_join(server_id, slabs));
+                        if !s.ready && !s.joining {
+                            match s.join_work.take() {
+                                Some(slabs) => {
+                                    // Ready once the join is done.
+                                    s.joining = true;
+                                    let me = self.clone();
+                                    std::thread::spawn(move || me.finish_join(server_id, slabs));
+                                }
+                                None => s.ready = true,
                             }
                         }
                         // The total was fixed at registration; a report can
@@ -626,13 +685,7 @@ impl Inner {
         }
         // First registration with this controller: its slabs are those of
         // the committed region maps.
-        let slabs: Vec<u64> = st
-            .regions
-            .values()
-            .flat_map(|r| r.map.pieces())
-            .filter(|s| s.server_id == id && !s.lost)
-            .map(|s| s.slab)
-            .collect();
+        let slabs = committed_on(&st, id);
         let assigned = slabs.len() as u64;
         info!("server {id:016x} registered at {addr}: {slabs_total} slabs");
         st.servers.insert(
@@ -648,44 +701,91 @@ impl Inner {
                 alive: true,
                 ready: false,
                 join_work: None,
+                joining: false,
                 placeholder: false,
             },
         );
-        for s in &slabs {
+        for (s, _) in &slabs {
             st.moving.insert(*s);
         }
-        let keep = slabs.clone();
+        let keep = slabs.iter().map(|(s, _)| *s).collect();
         if let Some(s) = st.servers.get_mut(&id) {
             s.join_work = Some(slabs);
         }
         Ok(Some(keep))
     }
 
-    /// First heartbeat of a server new to this controller: a previous
-    /// controller may have died in the middle of moving one of its slabs,
-    /// leaving it frozen, and every slab of a committed map must serve, so
-    /// thaw them all (a no-op for the others; moves of them wait until this
-    /// is done). Then make sure no slab id this controller hands out is
-    /// already on the server (its metadata may be older than the slabs).
-    fn finish_join(self: &Arc<Self>, id: u64, slabs: Vec<u64>) {
+    /// First heartbeat of a server new to this controller. A previous
+    /// controller may have died in the middle of a move, a rebuild or a
+    /// rekey, leaving slabs of this server frozen, or with the key of an
+    /// older map: every slab of a committed map must serve with the key
+    /// that map records, so thaw each with that key (`ThawSlab` with the
+    /// key a slab already has is a no-op; moves and rebuilds of these slabs
+    /// wait until this is done). Then make sure no slab id this controller
+    /// hands out is already on the server (its metadata may be older than
+    /// the slabs), check the server against the maps as reconciliation
+    /// does, and let placement use it. If the server does not answer, the
+    /// join is tried again on a later heartbeat; until then the server
+    /// stays `waiting`.
+    fn finish_join(self: &Arc<Self>, id: u64, claimed: Vec<(u64, u64)>) {
+        // The maps as they are now (the keys recorded at registration are
+        // claimed until here, so only a freed region can differ).
+        let slabs = {
+            let mut st = self.state.lock();
+            for (s, _) in &claimed {
+                st.moving.remove(s);
+            }
+            let slabs = committed_on(&st, id);
+            for (s, _) in &slabs {
+                st.moving.insert(*s);
+            }
+            slabs
+        };
         let reqs: Vec<Request<'_>> = slabs
             .iter()
-            .map(|&slab| Request::ThawSlab { slab, new_key: 0 })
+            .map(|&(slab, key)| Request::ThawSlab { slab, new_key: key })
             .collect();
+        let mut failed = None;
         for r in self.admin_calls(id, &reqs) {
-            if let Err((code, msg)) = r {
-                if code != ErrorCode::UnknownSlab {
-                    warn!("reconciling server {id:016x}: {code}: {msg}");
+            match r {
+                Ok(()) | Err((ErrorCode::UnknownSlab, _)) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
                 }
             }
         }
-        let listed = self.admin_list(id);
-        let mut st = self.state.lock();
-        for s in &slabs {
-            st.moving.remove(s);
+        let listed = match self.admin_list(id) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                failed.get_or_insert(e);
+                None
+            }
+        };
+        {
+            let mut st = self.state.lock();
+            for (s, _) in &slabs {
+                st.moving.remove(s);
+            }
+            if let Some(max) = listed.and_then(|v| v.into_iter().max()) {
+                st.next_slab = st.next_slab.max(max + 1);
+            }
         }
-        if let Some(max) = listed.ok().and_then(|v| v.into_iter().max()) {
-            st.next_slab = st.next_slab.max(max + 1);
+        if let Some((code, msg)) = failed {
+            warn!("server {id:016x} joining: {code}: {msg}; trying again");
+            std::thread::sleep(Duration::from_millis(500));
+            let mut st = self.state.lock();
+            if let Some(s) = st.servers.get_mut(&id).filter(|s| s.joining) {
+                // The next heartbeat starts the join again.
+                s.joining = false;
+                s.join_work = Some(slabs);
+            }
+            return;
+        }
+        self.reconcile_server(id);
+        let mut st = self.state.lock();
+        if let Some(s) = st.servers.get_mut(&id).filter(|s| s.joining) {
+            s.joining = false;
+            s.ready = true;
         }
     }
 
@@ -733,7 +833,7 @@ impl Inner {
                     st.regions
                         .values()
                         .filter(|r| r.tenant == tenant)
-                        .map(region_info)
+                        .map(|r| region_info(r, &st.servers))
                         .collect(),
                 ))
             }
@@ -766,6 +866,7 @@ impl Inner {
                     slabs_used: s.slabs_used.max(s.assigned),
                     alive: s.usable(),
                     last_seen_ms: s.last_seen.elapsed().as_millis() as u64,
+                    waiting: s.alive && !s.ready,
                 })
                 .collect(),
             tenants: st
@@ -783,7 +884,7 @@ impl Inner {
                 .regions
                 .values()
                 .filter(|r| admin || r.tenant == tenant)
-                .map(region_info)
+                .map(|r| region_info(r, &st.servers))
                 .collect(),
             rebuilt_slabs,
             rebuilt_bytes,
@@ -1139,7 +1240,7 @@ impl Inner {
                     src.server_id,
                     &Request::ThawSlab {
                         slab: src.slab,
-                        new_key: 0,
+                        new_key: src.key,
                     },
                 );
             }
@@ -1165,6 +1266,7 @@ impl Inner {
             undo(false, code == ErrorCode::ServerUnavailable);
             return Err((code, format!("moving slab: {msg}")));
         }
+        self.pause_point("move:after_create");
         let copy = Request::CopySlab {
             slab: src.slab,
             dest_slab: dest.slab,
@@ -1175,6 +1277,7 @@ impl Inner {
             undo(true, true);
             return Err((code, format!("moving slab: {msg}")));
         }
+        self.pause_point("move:after_copy");
         // Switch the map.
         let switched = {
             let mut guard = self.state.lock();
@@ -1227,6 +1330,7 @@ impl Inner {
         };
         match switched {
             Ok(map) => {
+                self.pause_point("move:after_switch");
                 let _ = self.admin_call(src.server_id, &Request::DropSlab { slab: src.slab });
                 info!(
                     "moved slab {index} of region {region} from {} to {} (map version {})",
@@ -1398,9 +1502,8 @@ impl Inner {
         })
     }
 
-    /// Drops slabs that live servers hold but no committed map or
-    /// allocation in flight knows: left by a failed drop, a controller that
-    /// died mid-allocation, or a move whose source drop failed.
+    /// Checks every live server against the committed maps (see
+    /// [`Inner::reconcile_server`]).
     fn reconcile(&self) {
         let servers: Vec<u64> = {
             let st = self.state.lock();
@@ -1411,29 +1514,38 @@ impl Inner {
                 .collect()
         };
         for sid in servers {
-            let Ok(listed) = self.admin_list(sid) else {
-                continue;
-            };
-            let orphans: Vec<u64> = {
-                let st = self.state.lock();
-                let known: std::collections::HashSet<u64> = st
-                    .regions
-                    .values()
-                    .flat_map(|r| r.map.pieces())
-                    .filter(|l| l.server_id == sid && !l.lost)
-                    .map(|l| l.slab)
-                    .collect();
-                listed
-                    .into_iter()
-                    .filter(|id| {
-                        !known.contains(id)
-                            && !st.pending.iter().any(|(a, b)| (*a..*b).contains(id))
-                    })
-                    .collect()
-            };
-            if orphans.is_empty() {
-                continue;
-            }
+            self.reconcile_server(sid);
+        }
+    }
+
+    /// Checks one server against the committed maps:
+    /// * drops slabs it holds that no committed map and no allocation, move
+    ///   or rebuild in flight knows (left by a failed drop, a controller
+    ///   that died mid-allocation, or a move whose source drop failed);
+    /// * probes each slab the maps place on it with the key they record (a
+    ///   read of zero bytes). A slab refused with `BadCapability` (its key
+    ///   disagrees with the map: a rekey was lost) or `SlabFrozen` while no
+    ///   move, rebuild or join of it is in flight (a thaw was lost) is
+    ///   thawed with the map's key. `UnknownSlab` means the server lost a
+    ///   slab of a committed map: reported.
+    fn reconcile_server(&self, sid: u64) {
+        let Ok(listed) = self.admin_list(sid) else {
+            return;
+        };
+        let (orphans, committed) = {
+            let st = self.state.lock();
+            let committed = committed_on(&st, sid);
+            let known: std::collections::HashSet<u64> =
+                committed.iter().map(|(slab, _)| *slab).collect();
+            let orphans: Vec<u64> = listed
+                .into_iter()
+                .filter(|id| {
+                    !known.contains(id) && !st.pending.iter().any(|(a, b)| (*a..*b).contains(id))
+                })
+                .collect();
+            (orphans, committed)
+        };
+        if !orphans.is_empty() {
             let reqs: Vec<Request<'_>> = orphans
                 .iter()
                 .map(|&slab| Request::DropSlab { slab })
@@ -1445,6 +1557,104 @@ impl Inner {
                 .count();
             info!("dropped {dropped} orphan slabs on server {sid:016x}");
         }
+        if committed.is_empty() {
+            return;
+        }
+        let Ok(probed) = self.admin_probe(sid, &committed) else {
+            return;
+        };
+        let mut suspect = Vec::new();
+        for ((slab, _), code) in committed.iter().zip(probed) {
+            match code {
+                None => {}
+                Some(ErrorCode::BadCapability | ErrorCode::SlabFrozen) => suspect.push(*slab),
+                Some(ErrorCode::UnknownSlab) => {
+                    warn!("server {sid:016x} does not hold slab {slab} of a committed map")
+                }
+                Some(code) => debug!("probing slab {slab} on server {sid:016x}: {code}"),
+            }
+        }
+        if suspect.is_empty() {
+            return;
+        }
+        // Claim the suspects that are still placed there and that no move,
+        // rebuild or join has frozen meanwhile (those end by thawing them
+        // with the map's key themselves), with the key the map records now.
+        let claimed: Vec<(u64, u64)> = {
+            let mut st = self.state.lock();
+            let now: HashMap<u64, u64> = committed_on(&st, sid).into_iter().collect();
+            let claimed: Vec<(u64, u64)> = suspect
+                .iter()
+                .filter_map(|slab| now.get(slab).map(|key| (*slab, *key)))
+                .filter(|(slab, _)| !st.moving.contains(slab))
+                .collect();
+            for (slab, _) in &claimed {
+                st.moving.insert(*slab);
+            }
+            claimed
+        };
+        let reqs: Vec<Request<'_>> = claimed
+            .iter()
+            .map(|&(slab, key)| Request::ThawSlab { slab, new_key: key })
+            .collect();
+        let mut repaired = 0;
+        for ((slab, _), r) in claimed.iter().zip(self.admin_calls(sid, &reqs)) {
+            match r {
+                Ok(()) => repaired += 1,
+                Err((code, msg)) => {
+                    debug!("thawing slab {slab} on server {sid:016x}: {code}: {msg}")
+                }
+            }
+        }
+        {
+            let mut st = self.state.lock();
+            for (slab, _) in &claimed {
+                st.moving.remove(slab);
+            }
+        }
+        if repaired > 0 {
+            warn!(
+                "server {sid:016x}: {repaired} slabs were frozen or keyed unlike their committed maps; thawed with the maps' keys"
+            );
+        }
+    }
+
+    /// Reads zero bytes of each `(slab, key)` on a server, pipelined: `None`
+    /// where the server accepts the key, else the error code it answers.
+    fn admin_probe(
+        &self,
+        sid: u64,
+        slabs: &[(u64, u64)],
+    ) -> Result<Vec<Option<ErrorCode>>, Failure> {
+        let frames = self.with_admin_conn(sid, |c| {
+            let mut frames = Vec::with_capacity(slabs.len());
+            for burst in slabs.chunks(1024) {
+                frames.extend(c.call_pipelined(burst.len(), |b, i, id| {
+                    let (slab, key) = burst[i];
+                    data::encode_request(
+                        b,
+                        id,
+                        &Request::Read {
+                            at: Target {
+                                slab,
+                                key,
+                                offset: 0,
+                            },
+                            len: 0,
+                        },
+                    )
+                })?);
+            }
+            Ok(frames)
+        })?;
+        Ok(frames
+            .into_iter()
+            .map(|f| match data::decode_reply(f.kind, &f.payload) {
+                Ok(Reply::Data(_)) => None,
+                Ok(Reply::Error { code, .. }) => Some(code),
+                _ => Some(ErrorCode::Internal),
+            })
+            .collect())
     }
 }
 
@@ -1469,6 +1679,17 @@ fn reserve_slab(st: &mut State, sid: u64, restored: bool) -> Option<SlabLoc> {
     })
 }
 
+/// The slabs the committed maps place on server `sid` (not lost), with the
+/// keys the maps record.
+fn committed_on(st: &State, sid: u64) -> Vec<(u64, u64)> {
+    st.regions
+        .values()
+        .flat_map(|r| r.map.pieces())
+        .filter(|l| l.server_id == sid && !l.lost)
+        .map(|l| (l.slab, l.key))
+        .collect()
+}
+
 /// The servers placement may use (live and ready), but those in `exclude`.
 fn candidates(st: &State, exclude: &[u64]) -> Vec<Candidate> {
     st.servers
@@ -1486,7 +1707,7 @@ fn unpend(st: &mut State, first: u64) {
     st.pending.retain(|(a, _)| *a != first);
 }
 
-fn region_info(r: &StoredRegion) -> RegionInfo {
+fn region_info(r: &StoredRegion, servers: &BTreeMap<u64, ServerState>) -> RegionInfo {
     RegionInfo {
         id: r.map.id,
         name: r.map.name.clone(),
@@ -1497,6 +1718,11 @@ fn region_info(r: &StoredRegion) -> RegionInfo {
         redundancy: r.map.redundancy,
         lost: r.map.lost() as u64,
         pieces: r.map.pieces().count() as u64,
+        at_risk: r
+            .map
+            .pieces()
+            .filter(|l| !l.lost && !servers.get(&l.server_id).is_some_and(|s| s.usable()))
+            .count() as u64,
     }
 }
 

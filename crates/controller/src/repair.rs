@@ -19,7 +19,16 @@
 //! survivors new capability keys (so that a client with the old map cannot
 //! write the old group), and thaws them. Pacing to `rebuild_rate` happens
 //! between slabs, so a group is frozen only while its slab is copied. A
-//! failed step is undone and the slab is tried again later.
+//! failed step is undone (survivors thawed with their committed keys, the
+//! new slab dropped) and the slab is tried again later.
+//!
+//! Crash safety: the switched map is persisted in one transaction before
+//! any survivor is rekeyed. A controller that dies before it leaves the
+//! piece `lost` (rebuilt again by the next one) and an uncommitted slab
+//! (dropped when its server joins the next controller); one that dies
+//! after it leaves survivors frozen with their old keys, which the next
+//! controller thaws with the keys of the committed map when their servers
+//! join it (see ARCHITECTURE.md, "Crash-safe control steps").
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -258,7 +267,8 @@ impl Inner {
         };
         let undo = |frozen: &[SlabLoc], drop_dest: bool| {
             for l in frozen {
-                self.thaw(l, 0);
+                // The key of the committed map, which is not switched.
+                self.thaw(l, l.key);
             }
             if drop_dest {
                 let _ = self.admin_call(dest.server_id, &Request::DropSlab { slab: dest.slab });
@@ -283,6 +293,7 @@ impl Inner {
             undo(&[], e.0 == ErrorCode::ServerUnavailable);
             return Err(e);
         }
+        self.pause_point("rebuild:after_create");
         // Freeze the whole group so that no write lands behind the copy,
         // then let erasure-coded writes already past their data swap finish
         // their parity updates, so the stripe is consistent when read.
@@ -298,6 +309,7 @@ impl Inner {
             }
             frozen.push(l.clone());
         }
+        self.pause_point("rebuild:after_freeze");
         let drain_started = Instant::now();
         while in_flight.iter().any(|&n| n > 0) {
             if drain_started.elapsed() > DRAIN_TIMEOUT {
@@ -329,6 +341,7 @@ impl Inner {
                 return Err(e);
             }
         };
+        self.pause_point("rebuild:after_copy");
         // Switch the map: the new slab in, new keys for the survivors.
         let rekeyed = {
             let mut guard = self.state.lock();
@@ -378,9 +391,7 @@ impl Inner {
                 }
             };
             if result.is_ok() {
-                for (_, l) in &survivors {
-                    st.moving.remove(&l.slab);
-                }
+                // The survivors stay claimed until they are thawed below.
                 unpend(st, dest.slab);
             }
             result
@@ -397,8 +408,24 @@ impl Inner {
                 return Err(e);
             }
         };
-        for (l, key) in &rekeyed {
-            self.thaw(l, *key);
+        self.pause_point("rebuild:after_switch");
+        // A controller that dies from here on leaves survivors frozen with
+        // their old keys; the next one thaws them with the keys of the map
+        // just persisted when their servers join it (`finish_join`).
+        let drop_thaw = self.hook_is("rebuild:drop_thaw");
+        for (n, (l, key)) in rekeyed.iter().enumerate() {
+            if !drop_thaw {
+                self.thaw(l, *key);
+            }
+            if n == 0 {
+                self.pause_point("rebuild:after_first_thaw");
+            }
+        }
+        {
+            let mut st = self.state.lock();
+            for (_, l) in &survivors {
+                st.moving.remove(&l.slab);
+            }
         }
         {
             let mut c = self.rebuilt.lock();

@@ -362,6 +362,11 @@ pub struct RegionInfo {
     pub lost: u64,
     /// Slabs in all, data and redundant.
     pub pieces: u64,
+    /// Slabs not marked lost whose server is not serving: the controller
+    /// is waiting for it (it has not registered since the controller
+    /// started, or has not finished joining; see [`ServerInfo::waiting`]).
+    /// A region with pieces at risk is not healthy.
+    pub at_risk: u64,
 }
 
 /// One memory server as the controller sees it.
@@ -377,10 +382,17 @@ pub struct ServerInfo {
     pub slabs_total: u64,
     /// Slabs in use.
     pub slabs_used: u64,
-    /// Whether heartbeats arrive in time.
+    /// Whether heartbeats arrive in time (and the server has joined: it
+    /// takes new slabs and serves those of the maps).
     pub alive: bool,
-    /// Milliseconds since the last heartbeat.
+    /// Milliseconds since the last heartbeat (for a server the controller
+    /// is waiting for, since the controller started waiting).
     pub last_seen_ms: u64,
+    /// The controller is waiting for this server: the region maps name it
+    /// but it has not registered with this controller (which restarted),
+    /// or it registered and has not finished joining. Not yet declared
+    /// dead (`alive` is false): its slabs are at risk, not lost.
+    pub waiting: bool,
 }
 
 /// One tenant as the controller sees it.

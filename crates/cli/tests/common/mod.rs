@@ -86,6 +86,12 @@ pub struct Opts {
     pub slab: &'static str,
     pub server_args: Vec<String>,
     pub secret: Option<&'static str>,
+    /// The controller's `dead_after`.
+    pub dead_after: &'static str,
+    /// The controller's `reconcile_interval`.
+    pub reconcile_interval: &'static str,
+    /// More lines of controller configuration (TOML, top level).
+    pub controller_config: String,
 }
 
 impl Default for Opts {
@@ -96,6 +102,9 @@ impl Default for Opts {
             slab: "64KiB",
             server_args: Vec::new(),
             secret: None,
+            dead_after: "1s",
+            reconcile_interval: "200ms",
+            controller_config: String::new(),
         }
     }
 }
@@ -117,8 +126,9 @@ impl TestCluster {
                 r#"
 slab_size = "{}"
 heartbeat_interval = "100ms"
-dead_after = "1s"
-reconcile_interval = "200ms"
+dead_after = "{}"
+reconcile_interval = "{}"
+{}
 {}
 [[tenants]]
 name = "default"
@@ -130,6 +140,9 @@ token = "{OTHER_TOKEN}"
 quota = "1MiB"
 "#,
                 opts.slab,
+                opts.dead_after,
+                opts.reconcile_interval,
+                opts.controller_config,
                 opts.secret
                     .map(|s| format!("cluster_secret = \"{s}\""))
                     .unwrap_or_default()
@@ -156,9 +169,16 @@ quota = "1MiB"
     }
 
     pub fn start_controller(&mut self) {
+        self.start_controller_env(&[]);
+    }
+
+    /// Starts the controller (again: same address, configuration and data
+    /// directory) with more environment variables (test hooks).
+    pub fn start_controller_env(&mut self, env: &[(&str, &str)]) {
         let cfg = self.dir.path().join("controller.toml");
         let data = self.data_dir();
-        let p = Proc::spawn(&[
+        let mut cmd = Command::new(exe());
+        cmd.args([
             "controller",
             "--listen",
             &self.controller_addr,
@@ -167,6 +187,10 @@ quota = "1MiB"
             "--data-dir",
             data.to_str().expect("utf8"),
         ]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let p = Proc::spawn_cmd(&mut cmd);
         self.controller_addr = p.addr.clone();
         self.controller = Some(p);
     }
