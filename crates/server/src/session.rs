@@ -1193,9 +1193,22 @@ mod tests {
                 )])),
                 (0u64..(1 << 20), 0usize..70_000).prop_map(|(off, n)| {
                     let d = vec![9u8; n];
-                    frames(&[(3, Request::Write { at: at(off), data: &d })])
+                    frames(&[(
+                        3,
+                        Request::Write {
+                            at: at(off),
+                            data: &d,
+                        },
+                    )])
                 }),
-                Just(frames(&[(4, Request::Faa { at: at(8), delta: 1, rid: 5 })])),
+                Just(frames(&[(
+                    4,
+                    Request::Faa {
+                        at: at(8),
+                        delta: 1,
+                        rid: 5
+                    }
+                )])),
                 Just(frames(&[(5, Request::DropSlab { slab: SLAB })])),
                 Just(frames(&[(6, Request::Stats)])),
             ]
