@@ -349,20 +349,23 @@ fn copies_within_a_server_and_refusals() {
     }
     let map = r.map();
     let server = |i: usize| map.slabs[i].server_id;
-    let same = (1..6)
-        .find(|&i| server(i) == server(0))
+    // Six slabs on three servers: two of them share one (placement is
+    // random, so which two varies).
+    let (a, same) = (0..6)
+        .flat_map(|a| (0..6).map(move |b| (a, b)))
+        .find(|&(a, b)| a != b && server(a) == server(b))
         .expect("two slabs on one server");
-    let other = (1..6)
-        .find(|&i| server(i) != server(0))
+    let other = (0..6)
+        .find(|&i| server(i) != server(a))
         .expect("slabs on two servers");
-    let to = same as u64 * SLAB + 1000;
-    copy(77, to, 40_000).unwrap();
-    apply(&mut local, 77, to, 40_000);
+    let (from, to) = (a as u64 * SLAB + 77, same as u64 * SLAB + 1000);
+    copy(from, to, 40_000).unwrap();
+    apply(&mut local, from, to, 40_000);
     let mut got = vec![0u8; size as usize];
     r.read(0, &mut got).unwrap();
     assert!(got == local, "region differs from the local copy");
 
-    let e = copy(0, other as u64 * SLAB, 10).unwrap_err();
+    let e = copy(a as u64 * SLAB, other as u64 * SLAB, 10).unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::Unsupported), "{e}");
     let e = copy(0, 2 * SLAB - 5, 10).unwrap_err();
     assert!(matches!(e, ClientError::InvalidArgument { .. }), "{e}");

@@ -175,3 +175,67 @@ fn a_foreign_madvise_reads_back_as_zeros() {
     mem[3 * PAGE] = 9;
     assert_eq!(mem[3 * PAGE], 9);
 }
+
+/// Threads write their own words of the *same* few pages while the evictor
+/// deactivates and evicts those pages under a budget of a handful: a write
+/// that races the page's write-protection, its copy into a slot or its
+/// write-back is never lost.
+#[test]
+fn writes_racing_eviction_of_their_page_are_never_lost() {
+    let tc = cluster();
+    let threads = 6usize;
+    let pages = 12usize;
+    let pr = Arc::new(paged(
+        &tc,
+        (pages * PAGE) as u64,
+        PagerConfig {
+            budget: Budget::Bytes(4 * PAGE as u64),
+            writeback_batch: 1,
+            ..PagerConfig::default()
+        },
+    ));
+    let mem = Mem(pr.base() as usize, pr.len());
+    let words = pages * PAGE / 8;
+    // Word w belongs to thread w % threads: every page is written by every
+    // thread.
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let m = mem.bytes().as_mut_ptr() as *mut u64;
+                let mut rng = Rng(t as u64 + 99);
+                let mut last = vec![0u64; words];
+                for i in 1..=4000u64 {
+                    let w = (rng.below((words / threads) as u64) as usize) * threads + t;
+                    let v = (t as u64) << 48 | i;
+                    // SAFETY: w < words, inside the live mapping; each word
+                    // has one writer (this thread). Volatile, so every store
+                    // happens as written.
+                    unsafe { std::ptr::write_volatile(m.add(w), v) };
+                    last[w] = v;
+                    if i % 7 == 0 {
+                        let r = rng.below((words / threads) as u64) as usize * threads + t;
+                        // SAFETY: as above.
+                        let got = unsafe { std::ptr::read_volatile(m.add(r)) };
+                        assert_eq!(got, last[r], "thread {t} word {r} step {i}");
+                    }
+                }
+                last
+            })
+        })
+        .collect();
+    let lasts: Vec<Vec<u64>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+    let m = mem.bytes();
+    for (t, last) in lasts.iter().enumerate() {
+        for w in (t..words).step_by(threads) {
+            let got = u64::from_ne_bytes(m[w * 8..w * 8 + 8].try_into().unwrap());
+            assert_eq!(got, last[w], "thread {t} word {w} at the end");
+        }
+    }
+    let s = pr.stats();
+    eprintln!("{s:?}");
+    assert!(s.evictions > 0 && s.pages_written > 0, "{s:?}");
+    pr.flush().unwrap();
+    let mut far = vec![0u8; pr.len()];
+    pr.region().read(0, &mut far).unwrap();
+    assert!(far == m[..], "far copy differs after flush");
+}
