@@ -272,7 +272,7 @@ impl<'a> Session<'a> {
         write: impl FnOnce(&[u8], &[u8]) -> std::io::Result<usize>,
     ) -> std::io::Result<()> {
         let Some(pool) = self.shared.pool.get() else {
-            put_error(&mut self.out, id, ErrorCode::NotReady, "server not ready");
+            not_ready(&mut self.out, id);
             return Ok(());
         };
         // Room for whatever the socket does not take at once.
@@ -341,6 +341,15 @@ fn reserve(shared: &Shared, st: &mut ConnState<'_>, out: &mut Vec<u8>, n: usize)
         out.reserve_exact(need - out.len());
     }
     true
+}
+
+fn not_ready(out: &mut Vec<u8>, id: u64) {
+    put_error(
+        out,
+        id,
+        ErrorCode::NotReady,
+        "server has not registered with a controller yet",
+    );
 }
 
 fn overloaded(out: &mut Vec<u8>, id: u64) {
@@ -422,12 +431,7 @@ fn handle(
         return Action::Continue;
     }
     let Some(pool) = shared.pool.get() else {
-        put_error(
-            out,
-            id,
-            ErrorCode::NotReady,
-            "server has not registered with a controller yet",
-        );
+        not_ready(out, id);
         return Action::Continue;
     };
     let admin = matches!(st.ticket, Ticket::Admin(_));
@@ -661,12 +665,7 @@ fn hello(
         st.ticket.promote_admin();
     } else if cap != (0, 0) {
         let Some(pool) = shared.pool.get() else {
-            put_error(
-                out,
-                id,
-                ErrorCode::NotReady,
-                "server has not registered with a controller yet",
-            );
+            not_ready(out, id);
             return Action::Close;
         };
         let owner = match pool.authenticate(cap.0, cap.1) {
