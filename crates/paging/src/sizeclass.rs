@@ -80,7 +80,7 @@ const SPAN_PAGES: usize = SPAN / PAGE;
 pub fn class_of(size: usize) -> usize {
     debug_assert!(size <= MAX_SMALL);
     if size <= 128 {
-        return (size.max(1) + 15) / 16 - 1;
+        return size.max(1).div_ceil(16) - 1;
     }
     let s = size - 1;
     let lg = (usize::BITS - 1 - s.leading_zeros()) as usize; // ≥ 7
@@ -601,6 +601,8 @@ impl Drop for Flusher {
             // allocator never runs thread-exit destructors while it holds one.
             let cache = unsafe { &mut *c.get() };
             cache.give_back();
+            // No owner: every later call takes the slow path and sees `dead`.
+            cache.owner = ptr::null();
             cache.dead = true;
         });
     }

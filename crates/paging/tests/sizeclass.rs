@@ -321,3 +321,23 @@ fn many_threads_share_blocks() {
         free(h, b);
     }
 }
+
+/// A thread's cache goes back to the heap when the thread ends: 200
+/// short-lived threads, each of which would leave up to 128 KiB cached, fit
+/// in a 4 MiB heap.
+#[test]
+fn ending_threads_give_their_caches_back() {
+    let h = heap(4 << 20);
+    for t in 0..200u32 {
+        std::thread::spawn(move || {
+            let blocks: Vec<Block> = (0..1000)
+                .map(|i| alloc(h, 1000, 16, (t + i) as u8))
+                .collect();
+            for b in blocks {
+                free(h, b);
+            }
+        })
+        .join()
+        .unwrap();
+    }
+}
