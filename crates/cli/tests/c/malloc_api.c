@@ -41,7 +41,7 @@ static void fill(void *p, size_t n, size_t slot) {
  * realloc it, or allocate a new block. */
 static void *worker(void *arg) {
     uint64_t s = (uintptr_t)arg * 0x9E3779B97F4A7C15ull + 1;
-    for (int i = 0; i < 200000; i++) {
+    for (int i = 0; i < 50000; i++) {
         s ^= s << 13; s ^= s >> 7; s ^= s << 17;
         size_t slot = s % SLOTS;
         size_t size = (s >> 20) % ((s >> 40) % 16 == 0 ? 40000 : 300);
