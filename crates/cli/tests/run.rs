@@ -160,7 +160,8 @@ fn forked_child_sees_the_whole_heap() {
 /// The C allocator API through the preload library (`tests/c/malloc_api.c`):
 /// calloc zeroes recycled memory, every aligned allocator aligns, realloc
 /// keeps bytes while growing and shrinking, `malloc_usable_size` covers the
-/// request, and threads free and reallocate each other's blocks. Needs a C
+/// request, threads free and reallocate each other's blocks, and `fork`
+/// while other threads allocate gives a child that can use the heap. Needs a C
 /// compiler (`cc`); skipped without one.
 #[test]
 fn c_allocator_api_behaves_like_glibc() {

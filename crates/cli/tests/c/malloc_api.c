@@ -2,7 +2,8 @@
  * calloc zeroes (also on recycled blocks), memalign/posix_memalign/
  * aligned_alloc/valloc alignments, realloc growth and shrink keeping bytes,
  * malloc_usable_size, and blocks freed and reallocated by other threads than
- * the ones that allocated them. Prints a checksum that a native run must
+ * the ones that allocated them, and fork while other threads allocate (the
+ * child checks the parent's bytes and allocates and frees). Prints a checksum that a native run must
  * match; exits non-zero on the first failure. */
 #include <malloc.h>
 #include <pthread.h>
@@ -10,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define FAIL(...) do { fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } while (0)
 
@@ -63,6 +66,22 @@ static void *worker(void *arg) {
         sizes[slot] = size;
         pthread_mutex_unlock(&lock);
     }
+    return NULL;
+}
+
+static volatile int stop_churn;
+
+static void *churn(void *arg) {
+    void *keep[256] = {0};
+    uint64_t s = (uintptr_t)arg * 0x9E3779B97F4A7C15ull + 7;
+    while (!stop_churn) {
+        s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+        size_t i = s % 256, n = (s >> 16) % 3000 + 1;
+        free(keep[i]);
+        keep[i] = malloc(n);
+        memset(keep[i], (int)i, n);
+    }
+    for (int i = 0; i < 256; i++) free(keep[i]);
     return NULL;
 }
 
@@ -122,6 +141,26 @@ int main(void) {
         if (slots[i]) check_fill(slots[i], sizes[i], i);
         free(slots[i]);
     }
+    /* fork while other threads allocate: the child sees the parent's bytes
+     * and can allocate, and free what the parent allocated. */
+    for (uintptr_t i = 0; i < 3; i++) pthread_create(&t[i], NULL, churn, (void *)(i + 1));
+    unsigned char *shared = malloc(1 << 20);
+    memset(shared, 7, 1 << 20);
+    for (int k = 0; k < 20; k++) {
+        pid_t pid = fork();
+        if (pid < 0) FAIL("fork");
+        if (pid == 0) {
+            for (size_t i = 0; i < (1 << 20); i++) if (shared[i] != 7) _exit(2);
+            for (size_t i = 0; i < 10000; i++) { unsigned char *q = malloc(i % 5000 + 1); q[0] = 1; free(q); }
+            free(shared);
+            _exit(0);
+        }
+        int st;
+        if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) FAIL("child %d failed", k);
+    }
+    stop_churn = 1;
+    for (int i = 0; i < 3; i++) pthread_join(t[i], NULL);
+    free(shared);
     printf("ok %llu\n", (unsigned long long)sum);
     return 0;
 }
