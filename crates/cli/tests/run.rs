@@ -157,6 +157,41 @@ fn forked_child_sees_the_whole_heap() {
     check_far_memory_was_used("python3 with fork", &err);
 }
 
+/// The C allocator API through the preload library (`tests/c/malloc_api.c`):
+/// calloc zeroes recycled memory, every aligned allocator aligns, realloc
+/// keeps bytes while growing and shrinking, `malloc_usable_size` covers the
+/// request, threads free and reallocate each other's blocks, and `fork`
+/// while other threads allocate gives a child that can use the heap. Needs a C
+/// compiler (`cc`); skipped without one.
+#[test]
+fn c_allocator_api_behaves_like_glibc() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("malloc_api");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/malloc_api.c");
+    match Command::new("cc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&bin)
+        .arg(src)
+        .status()
+    {
+        Ok(s) if s.success() => {}
+        other => {
+            eprintln!("no C compiler ({other:?}); skipped");
+            return;
+        }
+    }
+    let bin = bin.to_str().unwrap();
+    let (native, far, err) = both(bin, &[]);
+    assert!(native.starts_with(b"ok "), "{native:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&native),
+        String::from_utf8_lossy(&far),
+        "{err}"
+    );
+    let (faults, _) = counters(&err);
+    assert!(faults > 100, "far memory barely used: {err}");
+}
+
 #[test]
 fn bad_invocations_are_refused_clearly() {
     let o = remora_run(&["--", "no-such-program-xyz"], &[]);

@@ -1,10 +1,11 @@
 //! The far heap: an allocator over a paged far region, shared by
 //! [`crate::FarAlloc`] (Rust programs) and the LD_PRELOAD `malloc`.
 //!
-//! Allocation inside the far range is done by `talc` (chosen because it is
-//! small, `no_std`, never allocates for itself, works on a caller-given span,
-//! and is fast; its one lock is a spin lock that yields, which is safe inside
-//! an allocator, unlike a parking lock that allocates its wait queue).
+//! Allocation inside the far range is done by [`SizeClassHeap`]
+//! (`sizeclass.rs`): size classes with per-thread caches for blocks up to
+//! 16 KiB, `talc` for spans and large blocks. Its locks are spin locks that
+//! yield, which are safe inside an allocator, unlike a parking lock that
+//! allocates its wait queue.
 //!
 //! Two kinds of memory coexist in one process:
 //!
@@ -24,10 +25,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 
 use remora_client::{ClientOptions, Cluster};
-use talc::{ErrOnOom, Span, Talc};
 
 use crate::config::{Budget, PagerConfig};
 use crate::pager::{PagedRegion, PagerStats};
+use crate::sizeclass::SizeClassHeap;
 use crate::PagingError;
 
 thread_local! {
@@ -53,11 +54,9 @@ pub fn is_internal_thread() -> bool {
     INTERNAL.try_with(|c| c.get()).unwrap_or(false)
 }
 
-type Arena = spin::mutex::SpinMutex<Talc<ErrOnOom>, spin::relax::Yield>;
-
 /// A running far heap.
 pub struct FarHeap {
-    arena: Arena,
+    arena: SizeClassHeap,
     start: usize,
     end: usize,
     pager: PagedRegion,
@@ -194,18 +193,16 @@ pub fn start(opts: &HeapOptions) -> Result<&'static FarHeap, PagingError> {
         let pager = PagedRegion::new(region, opts.pager.clone())?;
         let start = pager.base() as usize;
         let end = start + pager.len();
-        let mut talc = Talc::new(ErrOnOom);
-        // SAFETY: [start, end) is our own mapping, used for nothing else;
-        // talc writes its metadata there (which faults pages in, served by
-        // the handlers already running).
-        let claimed = unsafe { talc.claim(Span::new(start as *mut u8, end as *mut u8)) };
-        if claimed.is_err() {
+        // SAFETY: [start, end) is our own mapping, used for nothing else
+        // while the process lives; the allocator writes its free lists there
+        // (which faults pages in, served by the handlers already running).
+        let Some(arena) = (unsafe { SizeClassHeap::new(start as *mut u8, end - start) }) else {
             return Err(PagingError::Config(
                 "the far heap is too small to hold anything".into(),
             ));
-        }
+        };
         let heap = Box::new(FarHeap {
-            arena: Arena::new(talc),
+            arena,
             start,
             end,
             pager,
@@ -235,56 +232,40 @@ impl FarHeap {
     }
 
     /// Allocates far memory, or `None` when the far range is exhausted.
-    pub fn alloc(&self, layout: Layout) -> Option<NonNull<u8>> {
-        let layout = if layout.size() == 0 {
-            Layout::from_size_align(1, layout.align()).ok()?
-        } else {
-            layout
-        };
-        // SAFETY: the layout has a nonzero size.
-        unsafe { self.arena.lock().malloc(layout).ok() }
+    #[inline]
+    pub fn alloc(&'static self, layout: Layout) -> Option<NonNull<u8>> {
+        self.arena.alloc(layout)
     }
 
-    /// Frees far memory.
+    /// Frees far memory (any thread may free any block).
     ///
     /// # Safety
-    /// `ptr` must have come from [`FarHeap::alloc`] with `layout`.
-    pub unsafe fn free(&self, ptr: NonNull<u8>, layout: Layout) {
-        let layout = if layout.size() == 0 {
-            // SAFETY: align is a power of two already (it came from a Layout).
-            unsafe { Layout::from_size_align_unchecked(1, layout.align()) }
-        } else {
-            layout
-        };
+    /// `ptr` must have come from [`FarHeap::alloc`] (or a resize) and not
+    /// have been freed since.
+    #[inline]
+    pub unsafe fn free(&'static self, ptr: NonNull<u8>) {
         // SAFETY: by the caller's contract.
-        unsafe { self.arena.lock().free(ptr, layout) }
+        unsafe { self.arena.free(ptr) }
     }
 
-    /// Resizes far memory in place if it can; else `None` (the caller moves it).
+    /// How many bytes the block at `ptr` can hold (at least what was asked).
     ///
     /// # Safety
-    /// `ptr` must have come from [`FarHeap::alloc`] with `layout`.
-    pub unsafe fn resize_in_place(
-        &self,
-        ptr: NonNull<u8>,
-        layout: Layout,
-        new_size: usize,
-    ) -> Option<NonNull<u8>> {
-        if layout.size() == 0
-            || new_size == 0
-            || Layout::from_size_align(new_size, layout.align()).is_err()
-        {
-            return None;
-        }
-        let mut a = self.arena.lock();
-        if new_size <= layout.size() {
-            // SAFETY: by the caller's contract; shrinking is always in place.
-            unsafe { a.shrink(ptr, layout, new_size) };
-            Some(ptr)
-        } else {
-            // SAFETY: by the caller's contract; new_size > layout.size().
-            unsafe { a.grow_in_place(ptr, layout, new_size).ok() }
-        }
+    /// As for [`FarHeap::free`].
+    #[inline]
+    pub unsafe fn usable_size(&self, ptr: NonNull<u8>) -> usize {
+        // SAFETY: by the caller's contract.
+        unsafe { self.arena.usable_size(ptr) }
+    }
+
+    /// Lets the block hold `new_size` bytes without moving it, if it can;
+    /// else `None` (the caller moves it). The block keeps its alignment.
+    ///
+    /// # Safety
+    /// As for [`FarHeap::free`].
+    pub unsafe fn resize_in_place(&self, ptr: NonNull<u8>, new_size: usize) -> Option<NonNull<u8>> {
+        // SAFETY: by the caller's contract.
+        unsafe { self.arena.resize_in_place(ptr, new_size) }
     }
 
     /// The pager behind the heap.
@@ -334,7 +315,7 @@ fn register_fork_handlers() {
 
 /// Before `fork`: bring every far page in and stop eviction, so the child
 /// (whose copy of the range userfaultfd does not serve) inherits all bytes;
-/// then hold the arena lock so the child gets a consistent allocator.
+/// then hold the allocator's locks so the child gets a consistent allocator.
 extern "C" fn before_fork() {
     let Some(h) = far_heap() else { return };
     if !FORKED.load(Ordering::Relaxed) {
@@ -346,13 +327,13 @@ extern "C" fn before_fork() {
             }
         });
     }
-    std::mem::forget(h.arena.lock());
+    h.arena.lock_all();
 }
 
 extern "C" fn after_fork_parent() {
     let Some(h) = far_heap() else { return };
-    // SAFETY: before_fork took this lock (and forgot the guard) in this thread.
-    unsafe { h.arena.force_unlock() };
+    // SAFETY: before_fork took these locks in this thread.
+    unsafe { h.arena.unlock_all() };
     if !FORKED.load(Ordering::Relaxed) {
         h.pager.resume();
     }
@@ -361,9 +342,9 @@ extern "C" fn after_fork_parent() {
 extern "C" fn after_fork_child() {
     let Some(h) = far_heap() else { return };
     FORKED.store(true, Ordering::Relaxed);
-    // SAFETY: the lock was taken by before_fork in the thread that forked,
+    // SAFETY: the locks were taken by before_fork in the thread that forked,
     // which is the only thread of this child.
-    unsafe { h.arena.force_unlock() };
+    unsafe { h.arena.unlock_all() };
 }
 
 /// Whether this process is a forked child of a far-heap process.

@@ -30,6 +30,7 @@ pub mod config;
 pub mod heap;
 pub mod pager;
 pub mod prefetch;
+pub mod sizeclass;
 pub mod uffd;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -131,8 +132,8 @@ unsafe impl GlobalAlloc for FarAlloc {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         match (heap::owner(ptr), NonNull::new(ptr)) {
-            // SAFETY: ptr is in the far range, so the far heap allocated it with layout.
-            (Some(h), Some(p)) => unsafe { h.free(p, layout) },
+            // SAFETY: ptr is in the far range, so the far heap allocated it.
+            (Some(h), Some(p)) => unsafe { h.free(p) },
             // SAFETY: ptr is not far, so System allocated it with layout.
             _ => unsafe { System.dealloc(ptr, layout) },
         }
@@ -140,8 +141,8 @@ unsafe impl GlobalAlloc for FarAlloc {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if let (Some(h), Some(p)) = (heap::owner(ptr), NonNull::new(ptr)) {
-            // SAFETY: ptr is far and was allocated with layout.
-            if let Some(q) = unsafe { h.resize_in_place(p, layout, new_size) } {
+            // SAFETY: ptr is far and live.
+            if let Some(q) = unsafe { h.resize_in_place(p, new_size) } {
                 return q.as_ptr();
             }
         } else if heap::use_far().is_none() {

@@ -16,9 +16,9 @@
 //! `fork`: the child inherits a complete copy (every far page is brought in
 //! before the fork) and then uses the range as ordinary local memory.
 //!
-//! Each far block carries a 16-byte header just below the pointer: the
-//! requested size, and the offset back to the start of the block with the
-//! block's alignment, so `free` and `malloc_usable_size` need no table.
+//! Far blocks carry no header: the far heap finds a block's size class or
+//! size from its address (see `remora_paging::sizeclass`), so `free`,
+//! `realloc` and `malloc_usable_size` need nothing else.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
@@ -76,54 +76,17 @@ unsafe impl GlobalAlloc for LibcAlloc {
 #[global_allocator]
 static RUNTIME_ALLOC: LibcAlloc = LibcAlloc;
 
-const HEADER: usize = 16;
-
 fn set_errno(e: i32) {
     // SAFETY: __errno_location returns this thread's errno slot.
     unsafe { *libc::__errno_location() = e };
 }
 
 /// Allocates `size` bytes aligned to `align` (a power of two ≥ 16) in the
-/// far heap, with the header below the returned pointer.
-fn far_alloc(h: &FarHeap, size: usize, align: usize) -> Option<*mut c_void> {
-    let offset = align.max(HEADER);
-    let layout = Layout::from_size_align(offset.checked_add(size)?, align.max(HEADER)).ok()?;
-    let base = h.alloc(layout)?;
-    // SAFETY: base has offset + size bytes; the header lies in the offset.
-    unsafe {
-        let user = base.as_ptr().add(offset);
-        let hdr = user.sub(HEADER).cast::<u64>();
-        hdr.write(size as u64);
-        hdr.add(1)
-            .write(offset as u64 | ((align.max(HEADER).trailing_zeros() as u64) << 32));
-        Some(user.cast())
-    }
-}
-
-/// Reads a far block's header: (requested size, offset, alignment).
-///
-/// # Safety
-/// `p` must be a pointer returned by `far_alloc`.
-unsafe fn header(p: *mut c_void) -> (usize, usize, usize) {
-    // SAFETY: far_alloc wrote 16 header bytes just below p.
-    unsafe {
-        let hdr = p.cast::<u8>().sub(HEADER).cast::<u64>();
-        let size = hdr.read() as usize;
-        let w = hdr.add(1).read();
-        (size, (w & 0xFFFF_FFFF) as usize, 1usize << (w >> 32))
-    }
-}
-
-/// # Safety
-/// `p` must be a pointer returned by `far_alloc` on heap `h`, not yet freed.
-unsafe fn far_free(h: &FarHeap, p: *mut c_void) {
-    // SAFETY: by the contract, p has a header and came from h.
-    unsafe {
-        let (size, offset, align) = header(p);
-        let base = p.cast::<u8>().sub(offset);
-        let layout = Layout::from_size_align_unchecked(offset + size, align);
-        h.free(NonNull::new_unchecked(base), layout);
-    }
+/// far heap.
+#[inline]
+fn far_alloc(h: &'static FarHeap, size: usize, align: usize) -> Option<*mut c_void> {
+    let layout = Layout::from_size_align(size, align).ok()?;
+    h.alloc(layout).map(|p| p.as_ptr().cast())
 }
 
 fn alloc_aligned(align: usize, size: usize) -> *mut c_void {
@@ -166,7 +129,7 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     }
     match heap::owner(p.cast()) {
         // SAFETY: p is in the far range, so far_alloc returned it.
-        Some(h) => unsafe { far_free(h, p) },
+        Some(h) => unsafe { h.free(NonNull::new_unchecked(p.cast())) },
         // SAFETY: p is not far, so glibc allocated it.
         None => unsafe { __libc_free(p) },
     }
@@ -230,38 +193,20 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         }
         return q;
     };
-    // SAFETY: p is far, so it has a header.
-    let (old, offset, align) = unsafe { header(p) };
-    // The new block must form a valid layout (no overflow, at most isize::MAX).
-    let Some(new_total) = offset
-        .checked_add(size)
-        .filter(|&t| Layout::from_size_align(t, align).is_ok())
-    else {
-        set_errno(libc::ENOMEM);
-        return std::ptr::null_mut();
-    };
-    // SAFETY: the block's layout is (offset + old, align), as far_alloc made
-    // it, and new_total forms a valid layout with the same alignment.
-    let resized = unsafe {
-        let base = NonNull::new_unchecked(p.cast::<u8>().sub(offset));
-        h.resize_in_place(
-            base,
-            Layout::from_size_align_unchecked(offset + old, align),
-            new_total,
-        )
-    };
-    if resized.is_some() {
-        // SAFETY: the header is still just below p.
-        unsafe { p.cast::<u8>().sub(HEADER).cast::<u64>().write(size as u64) };
+    // SAFETY: p is far and live.
+    let base = unsafe { NonNull::new_unchecked(p.cast::<u8>()) };
+    // SAFETY: as above.
+    if unsafe { h.resize_in_place(base, size) }.is_some() {
         return p;
     }
-    // Keep the block's alignment (memalign blocks can be reallocated too).
-    let q = alloc_aligned(align, size);
+    // SAFETY: as above.
+    let old = unsafe { h.usable_size(base) };
+    let q = alloc_aligned(16, size);
     if !q.is_null() {
         // SAFETY: both blocks hold at least min(old, size) bytes; p is far.
         unsafe {
             std::ptr::copy_nonoverlapping(p.cast::<u8>(), q.cast::<u8>(), old.min(size));
-            far_free(h, p);
+            h.free(base);
         }
     }
     q
@@ -343,9 +288,9 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     if p.is_null() {
         return 0;
     }
-    if heap::owner(p.cast()).is_some() {
-        // SAFETY: p is far, so it has a header.
-        return unsafe { header(p) }.0;
+    if let Some(h) = heap::owner(p.cast()) {
+        // SAFETY: p is far and live.
+        return unsafe { h.usable_size(NonNull::new_unchecked(p.cast())) };
     }
     type Usable = unsafe extern "C" fn(*mut c_void) -> usize;
     static REAL: std::sync::OnceLock<Option<Usable>> = std::sync::OnceLock::new();
