@@ -394,14 +394,9 @@ pub fn decode_request(kind: u16, payload: &[u8]) -> Result<Request<'_>, DecodeEr
             let version = c.u16()?;
             if version != VERSION {
                 // Another version's handshake may be laid out differently:
-                // keep only its version, so the server can say why it
-                // refuses it.
-                return Ok(Request::Hello {
-                    version,
-                    admin_key: 0,
-                    session: 0,
-                    cap: (0, 0),
-                });
+                // only its version is read, so that the server can say why
+                // it refuses it.
+                return Err(DecodeError::OtherVersion(version));
             }
             Request::Hello {
                 version,

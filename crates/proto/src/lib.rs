@@ -42,6 +42,10 @@ pub fn tenant_tag(name: &str) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
+    /// A handshake in another protocol version (its layout may differ, so
+    /// only its version was read).
+    #[error("protocol version {0}, not this build's {VERSION}")]
+    OtherVersion(u16),
     /// Payload ended before a field.
     #[error("payload truncated")]
     Truncated,

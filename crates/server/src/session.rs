@@ -404,6 +404,15 @@ fn handle(
 ) -> Action {
     let req = match req {
         Ok(r) => r,
+        Err(DecodeError::OtherVersion(v)) => {
+            put_error(
+                out,
+                id,
+                ErrorCode::UnsupportedVersion,
+                &format!("server speaks protocol version {VERSION}, client {v}"),
+            );
+            return Action::Close;
+        }
         Err(e) => {
             put_error(out, id, ErrorCode::Malformed, &e.to_string());
             return if st.greeted {
@@ -1001,6 +1010,14 @@ mod tests {
         let t = h.run(&[&b], usize::MAX);
         assert!(t.closed);
         assert_eq!(replies(&t.sent)[0].1, Err(ErrorCode::FrameTooLarge));
+        // Another protocol version is refused by name.
+        let mut b = Vec::new();
+        put_header(&mut b, 1, data::op::HELLO, 6);
+        b.extend_from_slice(b"RMRA");
+        b.extend_from_slice(&2u16.to_le_bytes());
+        let t = h.run(&[&b], usize::MAX);
+        assert!(t.closed);
+        assert_eq!(replies(&t.sent)[0].1, Err(ErrorCode::UnsupportedVersion));
         // A greeted connection without a credential keeps the small limit.
         let mut input = hello((0, 0), 0);
         let data = vec![1u8; 8 << 10];
