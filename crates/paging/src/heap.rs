@@ -48,10 +48,51 @@ pub fn as_internal<T>(f: impl FnOnce() -> T) -> T {
     r
 }
 
-/// Whether the calling thread is part of the runtime.
+/// Runtime threads being started (see [`spawn_internal`]).
+static SPAWNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Whether the calling thread is part of the runtime. While a runtime
+/// thread is being started, every thread counts as one: the new thread
+/// allocates (thread-local destructors, registered with `calloc`) before
+/// it can mark itself, and such an allocation in far memory could leave a
+/// fault handler or the evictor waiting on a fault only it can serve.
+/// Memory allocated locally meanwhile is freed by address, so a program
+/// thread that allocates in that window only gets local memory.
 pub fn is_internal_thread() -> bool {
+    if SPAWNING.load(Ordering::Acquire) > 0 {
+        return true;
+    }
     // try_with: during thread teardown the slot may be gone; treat as app.
     INTERNAL.try_with(|c| c.get()).unwrap_or(false)
+}
+
+/// Starts a runtime thread named `name`, marked internal from its very
+/// first allocation (see [`is_internal_thread`]); returns once it is.
+pub fn spawn_internal<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<T>> {
+    struct Spawning;
+    impl Drop for Spawning {
+        fn drop(&mut self) {
+            SPAWNING.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    SPAWNING.fetch_add(1, Ordering::AcqRel);
+    let _spawning = Spawning;
+    let marked = std::sync::Arc::new(AtomicBool::new(false));
+    let h = {
+        let marked = marked.clone();
+        std::thread::Builder::new().name(name).spawn(move || {
+            mark_internal_thread();
+            marked.store(true, Ordering::Release);
+            f()
+        })?
+    };
+    while !marked.load(Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+    Ok(h)
 }
 
 /// A running far heap.

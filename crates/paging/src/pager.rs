@@ -58,7 +58,7 @@ use remora_client::Region;
 use crate::config::{Budget, PagerConfig};
 use crate::prefetch::{Proposal, Streams};
 use crate::uffd::{Event, Uffd, PAGE};
-use crate::{mark_internal_thread, PagingError};
+use crate::PagingError;
 
 const ABSENT: u8 = 0;
 const FETCHING: u8 = 1;
@@ -361,13 +361,7 @@ impl PagedRegion {
         });
         let mut threads = Vec::new();
         let mut spawn = |name: String, f: Box<dyn FnOnce() + Send>| -> Result<(), PagingError> {
-            let h = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || {
-                    mark_internal_thread();
-                    f()
-                })
-                .map_err(PagingError::Thread)?;
+            let h = crate::heap::spawn_internal(name, f).map_err(PagingError::Thread)?;
             threads.push(h);
             Ok(())
         };
