@@ -96,21 +96,24 @@ impl FrameDecoder {
     /// (0 if it fits in the buffer as it is), so that a caller with a
     /// memory budget can charge them first.
     pub fn growth_for(&self, min: usize) -> usize {
+        let (_, end) = self.compaction(min);
+        (end + min).saturating_sub(self.buf.capacity())
+    }
+
+    /// Whether [`Self::spare`]`(min)` moves the unconsumed bytes to the
+    /// front, and where they end afterwards. They move when the buffer
+    /// lacks room and they are at most a quarter of it (cheap); otherwise
+    /// the buffer grows instead, so a stream of large frames is not copied
+    /// over and over.
+    fn compaction(&self, min: usize) -> (bool, usize) {
         let (start, end) = if self.start == self.end {
             (0, 0)
         } else {
             (self.start, self.end)
         };
-        if self.buf.len() - end >= min {
-            return 0;
-        }
         let live = end - start;
-        let end = if start > 0 && live <= self.buf.len() / 4 {
-            live
-        } else {
-            end
-        };
-        (end + min).saturating_sub(self.buf.capacity())
+        let compact = self.buf.len() - end < min && start > 0 && live <= self.buf.len() / 4;
+        (compact, if compact { live } else { end })
     }
 
     /// Gives memory back: if the buffer is larger than `keep` bytes and the
@@ -145,23 +148,18 @@ impl FrameDecoder {
             self.start = 0;
             self.end = 0;
         }
+        let (compact, end) = self.compaction(min);
+        if compact {
+            move_to_front(&mut self.buf, self.start, self.end);
+            self.start = 0;
+            self.end = end;
+        }
         if self.buf.len() - self.end < min {
-            // Move the unconsumed bytes to the front when they are at most a
-            // quarter of the buffer (cheap); otherwise grow instead, so a
-            // stream of large frames is not copied over and over.
-            let live = self.end - self.start;
-            if self.start > 0 && live <= self.buf.len() / 4 {
-                move_to_front(&mut self.buf, self.start, self.end);
-                self.end = live;
-                self.start = 0;
-            }
-            if self.buf.len() - self.end < min {
-                // Exactly what this read needs: the capacity is reserved
-                // for it alone, and zero-filled memory is memory held.
-                let want = self.end + min;
-                self.buf.reserve_exact(want - self.buf.len());
-                self.buf.resize(want, 0);
-            }
+            // Exactly what this read needs: the capacity is reserved for it
+            // alone, and zero-filled memory is memory held.
+            let want = self.end + min;
+            self.buf.reserve_exact(want - self.buf.len());
+            self.buf.resize(want, 0);
         }
         &mut self.buf[self.end..]
     }

@@ -385,10 +385,14 @@ fn reply_bound(req: &Request<'_>, max_reply: usize) -> usize {
 
 /// The statistics reply.
 fn stats(shared: &Shared, pool: Option<&SlabPool>, id: u64, out: &mut Vec<u8>) {
-    let mut s = match pool {
-        Some(p) => p.stats(),
-        None => SlabPool::new(shared.cfg.capacity, 1).stats(),
-    };
+    // Before registration there are no slabs yet, only the capacity.
+    let mut s = pool.map_or(
+        data::ServerStats {
+            capacity: shared.cfg.capacity,
+            ..Default::default()
+        },
+        SlabPool::stats,
+    );
     let (pending, clients, admins) = shared.admission.open();
     s.connections = (pending + clients + admins) as u64;
     data::encode_reply(out, id, &Reply::Stats(s));
